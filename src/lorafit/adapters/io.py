@@ -1,0 +1,191 @@
+"""Save / load adapters in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+Keys are `base_model.model.<module>.lora_A.weight` etc., exactly what PEFT writes, so an adapter
+saved here loads with `peft.PeftModel.from_pretrained` and one saved by PEFT loads here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorafit.adapters.model import TARGETS_ATTR, adapter_config, attach, lora_layers
+from lorafit.adapters.targets import minimal_suffixes
+from lorafit.config import AdapterConfig, ConfigError
+from lorafit.fileio import atomic_directory, write_json_atomic
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+# PEFT fields we cannot honour yet: loading an adapter that relies on them would silently give other outputs.
+_UNSUPPORTED_WHEN_SET = {
+    "modules_to_save": "extra fully-trained modules",
+    "layers_to_transform": "layer selection by index",
+    "lora_bias": "a bias on lora_B",
+    "trainable_token_indices": "trainable token embeddings",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on raw parameters",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "block-diagonal LoRA",
+}
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder is missing, incomplete, corrupt or does not fit the model."""
+
+
+def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter of `model` to folder `path` atomically, in PEFT's layout."""
+    config = adapter_config(model)
+    if config is None:
+        raise ConfigError("this model has no lorafit adapter to save: call lorafit.attach(model, config) first.")
+    tensors = adapter_state_dict(model)
+    peft_config = to_peft_config(config, model, base_model_name_or_path)
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_json_atomic(tmp / CONFIG_NAME, peft_config)
+    return path
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable adapter tensors under PEFT's saved key names (contiguous, unshared copies)."""
+    config = adapter_config(model)
+    wanted = [".lora_A.weight", ".lora_B.weight"]
+    state = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        is_bias = name.endswith(".bias") and (
+            config.bias == "all" or (config.bias == "lora_only" and name.endswith(".base_layer.bias"))
+        )
+        if is_bias or any(name.endswith(w) for w in wanted):
+            state[KEY_PREFIX + name] = param.detach().contiguous().clone()
+    return state
+
+
+def to_peft_config(config: AdapterConfig, model: nn.Module, base_model_name_or_path: str | None) -> dict[str, Any]:
+    """The adapter_config.json dict PEFT expects; targets are written as the exact list attached."""
+    layers = lora_layers(model)
+    targets = getattr(model, TARGETS_ATTR)
+    name_or_path = base_model_name_or_path or getattr(model, "name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if hasattr(model, "generate") else None,
+        "base_model_name_or_path": name_or_path,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": minimal_suffixes(model, targets),
+        "exclude_modules": None,
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "init_lora_weights": True if config.init == "default" else config.init,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "lora_bias": False,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+def read_adapter_config(path: str | Path) -> AdapterConfig:
+    """Read adapter_config.json (ours or PEFT's) into an AdapterConfig; unsupported features are errors."""
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not path.is_dir():
+        raise AdapterFileError(f"adapter folder {str(path)!r} does not exist: pass the folder that holds {CONFIG_NAME}.")
+    if not config_file.is_file():
+        raise AdapterFileError(f"{config_file} is missing: an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{config_file} is not valid JSON ({err}); re-save the adapter.") from err
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterFileError(f"{config_file}: peft_type={peft_type!r}; lorafit loads LoRA adapters (peft_type 'LORA').")
+    for key, what in _UNSUPPORTED_WHEN_SET.items():
+        if raw.get(key) not in (None, False, [], {}, ""):
+            raise AdapterFileError(f"{config_file}: {key}={raw[key]!r} ({what}) is not supported by lorafit yet.")
+    init = raw.get("init_lora_weights", True)
+    try:
+        return AdapterConfig(
+            r=raw.get("r", 8),
+            alpha=raw.get("lora_alpha", 8),
+            dropout=raw.get("lora_dropout", 0.0),
+            target_modules=raw.get("target_modules"),
+            exclude_modules=raw.get("exclude_modules"),
+            use_rslora=bool(raw.get("use_rslora", False)),
+            use_dora=bool(raw.get("use_dora", False)),
+            bias=raw.get("bias", "none"),
+            init="default" if init in (True, False) else init,
+            rank_pattern=raw.get("rank_pattern") or {},
+            alpha_pattern=raw.get("alpha_pattern") or {},
+        )
+    except ConfigError as err:
+        raise AdapterFileError(f"{config_file}: {err}") from err
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False) -> nn.Module:
+    """Attach the adapter saved in folder `path` (by lorafit or PEFT) to a plain base model and load its weights."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    tensors = _read_weights(path / WEIGHTS_NAME)
+    attach(model, config, warn_scale=False)
+    _load_tensors(model, tensors, path / WEIGHTS_NAME)
+    if not trainable:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return model
+
+
+def _read_weights(weights_file: Path) -> dict[str, torch.Tensor]:
+    if not weights_file.is_file():
+        raise AdapterFileError(f"{weights_file} is missing: an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    try:
+        return load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(f"{weights_file} cannot be read ({err}); the file is truncated or corrupt: re-save it.") from err
+
+
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_file: Path) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = {n for n in params if ".lora_A." in n or ".lora_B." in n}
+    loaded = set()
+    for key, tensor in tensors.items():
+        name = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+        name = _strip_adapter_name(name)
+        if name not in params:
+            if ".lora_" in name or "lora_magnitude_vector" in name:
+                raise AdapterFileError(
+                    f"{weights_file}: tensor {key!r} has no matching layer in this model; the adapter was trained on "
+                    "another architecture or with other target_modules."
+                )
+            continue  # e.g. full embedding copies PEFT may add; they carry no adapter update
+        param = params[name]
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise AdapterFileError(
+                f"{weights_file}: {key!r} has shape {tuple(tensor.shape)} but this model needs {tuple(param.shape)}; "
+                "the adapter was trained on a model of another size."
+            )
+        with torch.no_grad():
+            param.copy_(tensor.to(param.dtype))
+        loaded.add(name)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise AdapterFileError(f"{weights_file} lacks {len(missing)} adapter tensors, e.g. {missing[0]!r}; re-save the adapter.")
+
+
+def _strip_adapter_name(name: str) -> str:
+    """PEFT keys carry no adapter name on disk, but accept in-memory style `lora_A.default.weight` too."""
+    return name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")

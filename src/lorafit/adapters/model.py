@@ -1,0 +1,149 @@
+"""Attach adapters to an existing model, report parameters, merge / unmerge / unload, disable."""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import nn
+
+from lorafit.adapters.lora import LoraLinear
+from lorafit.adapters.targets import select_targets
+from lorafit.config import AdapterConfig, ConfigError, LorafitWarning, lora_scale, scale_warning
+
+CONFIG_ATTR = "lorafit_adapter_config"
+TARGETS_ATTR = "lorafit_adapter_targets"
+
+
+def attach(model: nn.Module, config: AdapterConfig, *, warn_scale: bool = True) -> nn.Module:
+    """Wrap the chosen layers in LoraLinear in place, freeze everything else, and return the model."""
+    if adapter_config(model) is not None:
+        raise ConfigError("this model already carries a lorafit adapter: call detach() or merge_and_unload() first.")
+    if warn_scale and (message := scale_warning(config)):
+        warnings.warn(message, LorafitWarning, stacklevel=2)
+    targets = select_targets(model, config.target_modules, config.exclude_modules)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in targets:
+        r, alpha = config.rank_and_alpha(name)
+        layer = LoraLinear(model.get_submodule(name), r, alpha, lora_scale(alpha, r, config.use_rslora), config.dropout)
+        layer.reset_parameters(config.init)
+        _replace_module(model, name, layer)
+    _set_bias_trainable(model, config.bias)
+    setattr(model, CONFIG_ATTR, config)
+    setattr(model, TARGETS_ATTR, targets)
+    return model
+
+
+def adapter_config(model: nn.Module) -> AdapterConfig | None:
+    """The AdapterConfig a model was attached with, or None for a plain model."""
+    return getattr(model, CONFIG_ATTR, None)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """Every LoraLinear of the model by full module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every adapter update into its base weight (fast inference, same outputs)."""
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo merge(): subtract every adapter update from its base weight."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove the adapters without merging: the model returns to its base weights."""
+    return _unwrap(model, merge_first=False)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and replace each LoraLinear by its base layer: an ordinary transformers model."""
+    return _unwrap(model, merge_first=True)
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes as its base (the reference policy for GRPO); no weight copy."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+@dataclass
+class ParameterReport:
+    """Trainable vs total parameters, with the adapter parameters broken down per layer kind."""
+
+    trainable: int
+    total: int
+    per_kind: dict[str, tuple[int, int]]  # leaf name (q_proj, ...) -> (layers, adapter parameters)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"]
+        if self.per_kind:
+            lines.append(f"  {'layer kind':<16}{'layers':>8}{'adapter params':>18}")
+            for kind, (count, params) in sorted(self.per_kind.items()):
+                lines.append(f"  {kind:<16}{count:>8}{params:>18,}")
+        return "\n".join(lines)
+
+
+def parameter_report(model: nn.Module) -> ParameterReport:
+    """Count trainable and total parameters (shared weights once) and adapters per layer kind."""
+    params = list(model.parameters())  # deduplicated: tied embeddings count once
+    per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, layer in lora_layers(model).items():
+        entry = per_kind[name.rsplit(".", 1)[-1]]
+        entry[0] += 1
+        entry[1] += layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
+    return ParameterReport(
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params),
+        per_kind={k: (v[0], v[1]) for k, v in per_kind.items()},
+    )
+
+
+def _unwrap(model: nn.Module, merge_first: bool) -> nn.Module:
+    for name, layer in lora_layers(model).items():
+        if merge_first:
+            layer.merge()
+        elif layer.merged:
+            layer.unmerge()
+        _replace_module(model, name, layer.base_layer)
+    for attr in (CONFIG_ATTR, TARGETS_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _set_bias_trainable(model: nn.Module, bias: str) -> None:
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.requires_grad_(True)
+    elif bias == "lora_only":
+        for layer in lora_layers(model).values():
+            if getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(True)

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny randomly initialised models of four architectures."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tiny_models import VOCAB, build_tiny
+
+
+@pytest.fixture(params=["llama", "qwen2", "mistral", "gpt2"])
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_pair(arch):
+    """Two identical copies of a tiny model of each architecture (one to adapt, one as reference)."""
+    model = build_tiny(arch)
+    return model, copy.deepcopy(model)
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (2, 11), generator=generator)

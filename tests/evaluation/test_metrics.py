@@ -1,0 +1,61 @@
+"""Tests for lorafit.evaluation.metrics."""
+
+import pytest
+
+from lorafit.evaluation import exact_match, json_exact_match, score
+
+REF = '{"item": "mug", "color": "red", "quantity": 3, "city": "Oslo"}'
+
+
+def test_exact_match_strips_whitespace_and_end_of_turn() -> None:
+    assert exact_match(f"  {REF}<|im_end|>\n", REF)
+    assert exact_match(f"{REF} <|im_end|>", f"{REF}\n")
+
+
+def test_exact_match_is_strict_about_content() -> None:
+    assert not exact_match(REF.replace("Oslo", "oslo"), REF)
+    assert not exact_match(f"Sure! {REF}", REF)
+
+
+def test_json_ignores_key_order() -> None:
+    shuffled = '{"city": "Oslo", "quantity": 3, "item": "mug", "color": "red"}'
+    assert json_exact_match(shuffled, REF)
+    assert not exact_match(shuffled, REF)
+
+
+def test_json_distinguishes_int_from_string() -> None:
+    assert not json_exact_match(REF.replace(": 3", ': "3"'), REF)
+
+
+def test_json_prose_is_false() -> None:
+    assert not json_exact_match("The order is three red mugs to Oslo.", REF)
+    assert not json_exact_match('{"item": "mug", "color": ', REF)
+    assert not json_exact_match("", REF)
+
+
+def test_json_accepts_fences_and_surrounding_text() -> None:
+    assert json_exact_match(f"```json\n{REF}\n```<|im_end|>", REF)
+    assert json_exact_match(f"Here you go: {{not json}} {REF} Hope that helps!", REF)
+
+
+def test_json_detects_wrong_value_and_extra_key() -> None:
+    assert not json_exact_match(REF.replace("red", "blue"), REF)
+    assert not json_exact_match(REF.replace("}", ', "note": "x"}'), REF)
+
+
+def test_score_counts_and_accuracy() -> None:
+    preds = [REF, f"```{REF}```", "no idea", REF.replace("3", "4")]
+    assert score(preds, [REF] * 4, "json") == {
+        "metric": "json", "correct": 2, "total": 4, "accuracy": 0.5,
+    }
+    assert score(preds, [REF] * 4, "exact")["correct"] == 1
+
+
+def test_score_unknown_metric_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="exact.*json"):
+        score([REF], [REF], "bleu")
+
+
+def test_score_length_mismatch_raises() -> None:
+    with pytest.raises(ValueError):
+        score([REF, REF], [REF], "exact")

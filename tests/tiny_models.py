@@ -1,0 +1,46 @@
+"""Tiny randomly initialised models built from configs (no downloads), and adapter perturbation."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+VOCAB = 96
+
+
+def tiny_config(arch: str):
+    """A two-block config of the given architecture, small enough for millisecond forwards."""
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)  # q/k/v carry biases
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)  # Conv1D layers
+    raise ValueError(arch)
+
+
+def build_tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random causal LM in eval mode; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
+    return model.eval()
+
+
+def randomize_adapters(model, seed: int = 3, scale: float = 0.1) -> None:
+    """Give every lora_B (and the biases when trained) random values so that comparisons are not trivial."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            is_lora_b = ".lora_B." in name and name.endswith("weight")  # PEFT: lora_B.default.weight
+            if is_lora_b or (param.requires_grad and name.endswith(".bias")):
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
