@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    PreTrainedTokenizerFast,
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
@@ -44,3 +46,45 @@ def randomize_adapters(model, seed: int = 3, scale: float = 0.1) -> None:
             is_lora_b = ".lora_B." in name and name.endswith("weight")  # PEFT: lora_B.default.weight
             if is_lora_b or (param.requires_grad and name.endswith(".bias")):
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|end|>"]
+CORPUS = [
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+    "system user assistant",
+    "Hello! How can I help you today?",
+    "What is the capital of France? The capital of France is Paris.",
+    "Tell me a joke about cats. Cats sleep all day and judge you all night.",
+    "Write a short poem about the sea, the waves and the wind.",
+    "The quick brown fox jumps over the lazy dog.",
+]
+
+
+def tiny_backend_tokenizer() -> Tokenizer:
+    """A byte-level BPE (vocab 400) trained offline on a few sentences, with ChatML special tokens."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return tokenizer
+
+
+def tiny_chat_tokenizer(template: str = SMOLLM2_TEMPLATE, backend: Tokenizer | None = None) -> PreTrainedTokenizerFast:
+    """The tiny tokenizer wrapped like SmolLM2's: ChatML template, eos and pad <|im_end|>."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend or tiny_backend_tokenizer(),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
+    tokenizer.chat_template = template
+    return tokenizer

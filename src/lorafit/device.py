@@ -10,8 +10,10 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast is worth using on `device` (CUDA with bf16 support; CPU always runs it)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu"
+def bf16_worthwhile(device: torch.device) -> bool:
+    """Whether bf16 autocast speeds up training on `device`: CUDA GPUs with bf16 support.
+
+    Not on CPU: without native bf16 instructions (e.g. AVX2-only machines like ours), bf16 matmuls
+    run 6-70x slower than fp32 (measured: 828x1536 @ 1536x576 took 701 ms vs 9.4 ms), so "auto" keeps fp32.
+    """
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()

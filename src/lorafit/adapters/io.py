@@ -149,6 +149,12 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False)
     return model
 
 
+def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
+    """Copy the weights of a saved adapter into a model that already carries the same adapter (resume)."""
+    weights_file = Path(path) / WEIGHTS_NAME
+    _load_tensors(model, _read_weights(weights_file), weights_file)
+
+
 def _read_weights(weights_file: Path) -> dict[str, torch.Tensor]:
     if not weights_file.is_file():
         raise AdapterFileError(f"{weights_file} is missing: an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME}.")

@@ -1,0 +1,1 @@
+"""Training: supervised fine-tuning loop, loss, schedule, checkpoints, metrics log."""

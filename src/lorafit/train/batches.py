@@ -1,0 +1,61 @@
+"""From example files to a deterministic schedule of micro-batches (resumable by step number alone)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorafit.data import TokenizeStats, collate, count_targets, pack_examples, read_examples, tokenize_examples
+
+
+@dataclass
+class Dataset:
+    """Training rows (packs or single examples) and the statistics of how they were made."""
+
+    rows: list[Any]
+    stats: TokenizeStats
+    examples: int
+
+
+def prepare_rows(path: str, tokenizer: Any, *, max_seq_len: int, packing: bool, assistant_only: bool) -> Dataset:
+    """Read, template, mask, truncate and (optionally) pack one data file."""
+    examples = read_examples(path)
+    tokenized, stats = tokenize_examples(tokenizer, examples, assistant_only=assistant_only, max_seq_len=max_seq_len)
+    rows: list[Any] = pack_examples(tokenized, max_seq_len) if packing else list(tokenized)
+    return Dataset(rows=rows, stats=stats, examples=len(examples))
+
+
+def steps_per_epoch(num_rows: int, batch_size: int) -> int:
+    return max(1, math.ceil(num_rows / batch_size))
+
+
+@dataclass
+class MicroBatch:
+    """Tensors for one forward pass, with its count of real (non-padding) tokens and of loss targets."""
+
+    tensors: dict[str, torch.Tensor]
+    tokens: int
+    targets: int
+
+
+def step_micro_batches(rows: list[Any], step: int, *, batch_size: int, micro_batch_size: int, seed: int,
+                       pad_token_id: int) -> list[MicroBatch]:
+    """The micro-batches of optimiser step `step`: epoch e shuffles rows with seed+e, so any step can be rebuilt."""
+    per_epoch = steps_per_epoch(len(rows), batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    chosen = [rows[i] for i in order[index * batch_size:(index + 1) * batch_size]]
+    return fixed_batches(chosen, micro_batch_size, pad_token_id)
+
+
+def fixed_batches(rows: list[Any], batch_size: int, pad_token_id: int) -> list[MicroBatch]:
+    """Consecutive rows batched in order (evaluation, and the rows of one step)."""
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        group = rows[i:i + batch_size]
+        tensors = collate(group, pad_token_id)
+        batches.append(MicroBatch(tensors, sum(len(r.input_ids) for r in group), count_targets(tensors)))
+    return batches

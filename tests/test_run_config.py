@@ -1,0 +1,80 @@
+"""RunConfig: YAML + dotted overrides, unknown keys with suggestions, type and range errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafit.config import ConfigError
+from lorafit.run_config import load_run_config
+
+BASE = """
+model: tiny
+output_dir: out
+adapter: {r: 8, alpha: 16}
+data: {train: train.jsonl}
+training: {lr: 1e-3, max_steps: 5}
+"""
+
+
+def write(tmp_path, text=BASE):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_loads_and_applies_overrides(tmp_path):
+    config = load_run_config(write(tmp_path), ["training.lr=5e-4", "adapter.target_modules=[q_proj, v_proj]",
+                                               "data.packing=false"])
+    assert config.training.lr == 5e-4 and config.training.max_steps == 5
+    assert config.adapter.r == 8 and config.adapter.target_modules == ["q_proj", "v_proj"]
+    assert config.data.packing is False
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    assert load_run_config(write(tmp_path)).training.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("training.lerning_rate=1", "unknown key 'training.lerning_rate'"),
+        ("trainng.lr=1", "did you mean 'training'"),
+        ("training.lrr=1", "did you mean 'lr'"),
+        ("adapter.r=0", "adapter: r=0"),
+        ("training.batch_size=abc", "training.batch_size='abc' should be int"),
+        ("training.schedule=step", "training.schedule='step'"),
+        ("training.micro_batch_size=3", "must divide training.batch_size=16"),
+        ("evaluation.metric=bleu", "evaluation.metric='bleu'"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(write(tmp_path), [override])
+    assert needle in str(err.value) and "run.yaml" in str(err.value)
+
+
+def test_malformed_override():
+    from lorafit.run_config import apply_override
+
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        apply_override({}, "badoverride")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(write(tmp_path, "model: [unclosed"))
+
+
+def test_required_fields(tmp_path):
+    with pytest.raises(ConfigError, match="model is required"):
+        load_run_config(write(tmp_path, "data: {train: x.jsonl}"))
+    with pytest.raises(ConfigError, match="data.train is required"):
+        load_run_config(write(tmp_path, "model: m"))
+
+
+def test_data_paths_resolve_beside_the_yaml(tmp_path, monkeypatch):
+    (tmp_path / "train.jsonl").write_text("{}")
+    monkeypatch.chdir("/")
+    assert load_run_config(write(tmp_path)).data.train == str(tmp_path / "train.jsonl")

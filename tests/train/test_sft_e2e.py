@@ -1,0 +1,106 @@
+"""End to end on a tiny model saved to disk: train, checkpoints, metrics, resume reproduces the losses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import lorafit
+from lorafit.run_config import load_run_config
+from lorafit.train import sft
+from lorafit.train.checkpoint import list_checkpoints
+from lorafit.train.metrics_log import read_metrics
+from tiny_models import tiny_chat_tokenizer
+
+ROWS = [("Ship two red mugs to Oslo.", '{"item": "mug", "quantity": 2}'),
+        ("Send one blue lamp to Rome.", '{"item": "lamp", "quantity": 1}'),
+        ("Could five green boxes go to Lima?", '{"item": "box", "quantity": 5}'),
+        ("Please deliver three pink cups to Paris.", '{"item": "cup", "quantity": 3}')] * 3
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny Llama + ChatML tokenizer saved as a model folder, train/eval files and a run YAML."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    tokenizer = tiny_chat_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    for name, rows in (("train", ROWS), ("eval", ROWS[:4])):
+        with open(root / f"{name}.jsonl", "w") as handle:
+            for user, reply in rows:
+                handle.write(json.dumps({"messages": [{"role": "user", "content": user},
+                                                      {"role": "assistant", "content": reply}]}) + "\n")
+    (root / "run.yaml").write_text(f"""
+model: {root / 'model'}
+output_dir: {root / 'out'}
+adapter: {{r: 4, alpha: 8, dropout: 0.1}}
+data: {{train: {root / 'train.jsonl'}, eval: {root / 'eval.jsonl'}, max_seq_len: 128}}
+training: {{max_steps: 6, batch_size: 2, micro_batch_size: 1, lr: 5.0e-3, warmup_steps: 1, save_every: 2,
+           keep_checkpoints: 2, seed: 3}}
+evaluation: {{every: 3, generation: true, metric: json, max_new_tokens: 8}}
+""")
+    return root
+
+
+def run(root, *overrides, resume=False):
+    return sft.train(load_run_config(root / "run.yaml", list(overrides)), resume=resume)
+
+
+def test_train_writes_adapter_metrics_checkpoints_and_summary(tiny_run):
+    out = tiny_run / "out_full"
+    result = run(tiny_run, f"output_dir={out}")
+    assert result.steps == 6 and result.eval_before["total"] == 4 and result.eval_after["total"] == 4
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
+    assert rows[0]["lr"] == pytest.approx(5e-3)  # warmup 1 step: peak at once
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000002", "step-00000004"]  # keep 2; none at the end
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "config.yaml").is_file()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+    base = lorafit.load_model(str(tiny_run / "model"))[0]
+    adapted = lorafit.load_adapter(base, out / "adapter")
+    assert any(layer.lora_B.weight.abs().sum() > 0 for layer in lorafit.adapters.model.lora_layers(adapted).values())
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tiny_run, monkeypatch):
+    full = tiny_run / "out_a"
+    run(tiny_run, f"output_dir={full}")
+    expected = {r["step"]: r["loss"] for r in read_metrics(full / "metrics.jsonl")}
+
+    broken = tiny_run / "out_b"
+    real_step = sft.train_step
+    calls = {"n": 0}
+
+    def crash_on_fifth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # killed mid-step 5: checkpoint step-4 exists, metrics logged up to 4
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "train_step", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_run, f"output_dir={broken}")
+    monkeypatch.setattr(sft, "train_step", real_step)
+    assert list_checkpoints(broken)[-1].name == "step-00000004"
+    result = run(tiny_run, f"output_dir={broken}", resume=True)
+    assert result.steps == 6
+    resumed = {r["step"]: r["loss"] for r in read_metrics(broken / "metrics.jsonl")}
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (5, 6):  # dropout 0.1 is on: equal losses need the RNG state restored too
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+def test_unknown_model_is_a_clear_error(tiny_run):
+    with pytest.raises(lorafit.ModelLoadError, match="could not load"):
+        run(tiny_run, "model=/nonexistent/folder", f"output_dir={tiny_run / 'out_c'}")
+    shutil.rmtree(tiny_run / "out_c", ignore_errors=True)
