@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
-import lorafit
 from common import (
     GB,
     RESULTS_DIR,
@@ -39,6 +36,9 @@ from common import (
     time_steps,
     use_all_cpus,
 )
+from torch import nn
+
+import lorafit
 from lorafit.device import default_device
 from lorafit.fileio import write_json_atomic
 
@@ -72,7 +72,10 @@ def build_model(library: str, dropout: float, device: torch.device) -> nn.Module
     if library == "lorafit":
         model = lorafit.attach(model, lorafit.AdapterConfig(r=RANK, alpha=ALPHA, dropout=dropout, target_modules="all-linear"))
     else:
-        from peft import LoraConfig, get_peft_model  # reference dependency (test extra), only needed here
+        from peft import (  # reference dependency (test extra), only needed here
+            LoraConfig,
+            get_peft_model,
+        )
 
         config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules="all-linear")
         model = get_peft_model(model, config)

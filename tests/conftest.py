@@ -6,8 +6,9 @@ import copy
 
 import pytest
 import torch
-
 from tiny_models import VOCAB, build_tiny
+
+import lorafit
 
 
 @pytest.fixture(params=["llama", "qwen2", "mistral", "gpt2"])
@@ -26,3 +27,9 @@ def tiny_pair(arch):
 def input_ids() -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (2, 11), generator=generator)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct in fp32, fetched once into lorafit's cache (slow tests)."""
+    return lorafit.load_model("smollm2-135m")

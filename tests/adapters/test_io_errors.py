@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import build_tiny, randomize_adapters
 
 import lorafit
-from tiny_models import build_tiny, randomize_adapters
 from lorafit.adapters import io
 
 

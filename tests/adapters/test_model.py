@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import build_tiny, randomize_adapters
 
 import lorafit
-from tiny_models import build_tiny, randomize_adapters
 from lorafit.adapters.model import lora_layers
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
+from tiny_models import randomize_adapters
 
 import lorafit
-from tiny_models import randomize_adapters
 
 TOL = 1e-5  # fp32, identical math up to summation order
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from tiny_models import build_tiny
 from torch import nn
 
-from tiny_models import build_tiny
-from lorafit.adapters.targets import TargetError, minimal_suffixes, name_matches, select_targets
+from lorafit.adapters.targets import (
+    TargetError,
+    minimal_suffixes,
+    name_matches,
+    select_targets,
+)
 
 LLAMA_BLOCK = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

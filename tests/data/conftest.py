@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Callable
 
 import pytest
+from tiny_models import SMOLLM2_TEMPLATE, tiny_backend_tokenizer, tiny_chat_tokenizer
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
-
-from tiny_models import SMOLLM2_TEMPLATE, tiny_backend_tokenizer, tiny_chat_tokenizer
 
 __all__ = ["SMOLLM2_TEMPLATE"]
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from lorafit.data import (
@@ -158,13 +155,9 @@ def test_build_prompt_ids_ends_with_generation_prompt(chatml_tokenizer):
 
 
 @pytest.mark.slow
-def test_real_smollm2_tokenizer_masks():
-    gguf = os.environ.get("LORAFIT_SMOLLM2_GGUF")
-    if not gguf:
-        pytest.skip("set LORAFIT_SMOLLM2_GGUF to the SmolLM2 .gguf file to run")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name)
+def test_real_smollm2_tokenizer_masks(smollm2):
+    """On SmolLM2's own template, the trained tokens decode exactly to each reply plus <|im_end|>."""
+    _, tokenizer = smollm2
     for messages in CHATS.values():
         tokenized = tokenize_example(tokenizer, chat(messages))
         replies = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafit.data import Example, TokenizedExample, collate, pack_examples, tokenize_example
+from lorafit.data import (
+    Example,
+    TokenizedExample,
+    collate,
+    pack_examples,
+    tokenize_example,
+)
 
 
 def example(length: int, first: int) -> TokenizedExample:

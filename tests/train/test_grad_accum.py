@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
+from tiny_models import build_tiny, randomize_adapters
 
 import lorafit
 from lorafit.data import TokenizedExample
 from lorafit.train.batches import fixed_batches
 from lorafit.train.sft import train_step
-from tiny_models import build_tiny, randomize_adapters
 
 
 def _grads(model):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import build_tiny, randomize_adapters
 
 import lorafit
 from lorafit.data import Pack, TokenizedExample, collate
 from lorafit.train import loss as loss_mod
 from lorafit.train.loss import head_cross_entropy, target_loss_sum
-from tiny_models import build_tiny, randomize_adapters
 
 
 def test_head_cross_entropy_value_and_gradient_match_fp64(monkeypatch):

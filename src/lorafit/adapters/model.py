@@ -12,7 +12,13 @@ from torch import nn
 
 from lorafit.adapters.lora import LoraLinear
 from lorafit.adapters.targets import select_targets
-from lorafit.config import AdapterConfig, ConfigError, LorafitWarning, lora_scale, scale_warning
+from lorafit.config import (
+    AdapterConfig,
+    ConfigError,
+    LorafitWarning,
+    lora_scale,
+    scale_warning,
+)
 
 CONFIG_ATTR = "lorafit_adapter_config"
 TARGETS_ATTR = "lorafit_adapter_targets"

@@ -8,7 +8,14 @@ from typing import Any
 
 import torch
 
-from lorafit.data import TokenizeStats, collate, count_targets, pack_examples, read_examples, tokenize_examples
+from lorafit.data import (
+    TokenizeStats,
+    collate,
+    count_targets,
+    pack_examples,
+    read_examples,
+    tokenize_examples,
+)
 
 
 @dataclass

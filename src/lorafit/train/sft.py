@@ -22,15 +22,27 @@ from tqdm.auto import tqdm
 
 from lorafit.adapters.io import save_adapter
 from lorafit.adapters.model import attach, parameter_report
+from lorafit.data import read_examples
 from lorafit.device import bf16_worthwhile
 from lorafit.evaluation.generate import generate_responses
 from lorafit.evaluation.metrics import score
-from lorafit.data import read_examples
 from lorafit.fileio import write_json_atomic, write_text_atomic
 from lorafit.models import load_model
 from lorafit.run_config import RunConfig, to_dict
-from lorafit.train.batches import Dataset, MicroBatch, fixed_batches, prepare_rows, step_micro_batches, steps_per_epoch
-from lorafit.train.checkpoint import TrainerState, list_checkpoints, load_checkpoint, save_checkpoint
+from lorafit.train.batches import (
+    Dataset,
+    MicroBatch,
+    fixed_batches,
+    prepare_rows,
+    step_micro_batches,
+    steps_per_epoch,
+)
+from lorafit.train.checkpoint import (
+    TrainerState,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from lorafit.train.loss import target_loss_sum
 from lorafit.train.metrics_log import MetricsLog
 from lorafit.train.schedule import make_scheduler
