@@ -139,3 +139,18 @@ def test_bf16_autocast_matches_fp32_within_bf16_precision():
     out.float().sum().backward()
     assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
     assert x.grad is not None and x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.1, 0.5])
+def test_dropout_mask_rate_per_lane(rate):
+    """Each of the four 15-bit lanes of a random word drops with the same probability q ~= rate."""
+    from lorafit.adapters.lora import dropout_keep_mask
+
+    torch.manual_seed(0)
+    keep, q = dropout_keep_mask(torch.empty(400_000), rate)
+    assert abs(q - rate) <= 1 / 32768
+    dropped = (~keep).double().view(-1, 4).mean(0)  # 100,000 draws per lane: sd = sqrt(q(1-q)/1e5) <= 0.0016
+    assert torch.all((dropped - q).abs() < 5 * math.sqrt(q * (1 - q) / 100_000)), dropped
+    # neighbouring elements are independent: P(both dropped) ~= q^2
+    pairs = (~keep[:-1] & ~keep[1:]).double().mean().item()
+    assert abs(pairs - q * q) < 5 * math.sqrt(q * q / 400_000)
