@@ -2,7 +2,11 @@
 
 Each (config, library) pair trains in its own subprocess so that peak memory belongs to that run alone:
 batch 4 x 256 random tokens (loss on all of them), AdamW lr 1e-4, LoRA r=16 alpha=32 on all linear layers.
+"lorafit" swaps only the adapter layers (same transformers loss as PEFT); "lorafit-step" is what
+`lorafit train` runs: the same layers plus lorafit's loss, which never builds the full-vocabulary logits.
 The runs alternate between the libraries so that background load does not favour one side.
+By default the bf16 config runs only where bf16 autocast is worthwhile (CUDA): on a CPU without native
+bf16 instructions one step takes minutes; ask for it with --configs to measure it anyway.
 
 Run: python benchmarks/adapter_overhead.py [--configs dropout0-fp32 ...] [--warmup 2 --steps 6] [--quick]
 Writes benchmarks/results/adapter_overhead.json (not with --quick unless --out is given).
@@ -39,14 +43,15 @@ from common import (
 from torch import nn
 
 import lorafit
-from lorafit.device import default_device
+from lorafit.device import bf16_worthwhile, default_device
 from lorafit.fileio import write_json_atomic
+from lorafit.train.loss import target_loss_sum
 
 MODEL = "smollm2-135m"
 BATCH_SIZE, SEQ_LEN = 4, 256
 LR, RANK, ALPHA = 1e-4, 16, 32
 DATA_SEED = 0
-LIBRARIES = ("peft", "lorafit")
+LIBRARIES = ("peft", "lorafit", "lorafit-step")
 START_LOSS_TOLERANCE = 1e-4  # B = 0 at init, so both libraries start from the base model's loss
 DEFAULT_OUT = RESULTS_DIR / "adapter_overhead.json"
 
@@ -66,10 +71,15 @@ CONFIGS = {
 }
 
 
+def default_configs(device: torch.device) -> list[str]:
+    """Every config on a device where bf16 autocast pays off; elsewhere only the fp32 ones."""
+    return [name for name, config in CONFIGS.items() if config.autocast_dtype is None or bf16_worthwhile(device)]
+
+
 def build_model(library: str, dropout: float, device: torch.device) -> nn.Module:
     """SmolLM2 with LoRA (r=16, alpha=32, all linear layers) attached by `library`, in train mode."""
     model, _ = lorafit.load_model(MODEL, device=device)
-    if library == "lorafit":
+    if library.startswith("lorafit"):
         model = lorafit.attach(model, lorafit.AdapterConfig(r=RANK, alpha=ALPHA, dropout=dropout, target_modules="all-linear"))
     else:
         from peft import (  # reference dependency (test extra), only needed here
@@ -89,10 +99,15 @@ def random_batch(vocab_size: int, device: torch.device) -> torch.Tensor:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
-               autocast_dtype: torch.dtype | None) -> torch.Tensor:
+               autocast_dtype: torch.dtype | None, lorafit_loss: bool) -> torch.Tensor:
     """Forward (under autocast when a dtype is given) with loss on every token, backward, AdamW step, zero_grad."""
     with torch.autocast(input_ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        if lorafit_loss:
+            targets = torch.full_like(input_ids, -100)
+            targets[:, :-1] = input_ids[:, 1:]  # the same next-token targets as labels=input_ids
+            loss = target_loss_sum(model, {"input_ids": input_ids, "targets": targets}) / (targets != -100).sum()
+        else:
+            loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -114,7 +129,7 @@ def measure(library: str, config_name: str, warmup: int, steps: int) -> dict[str
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR)
     input_ids = random_batch(model.config.vocab_size, device)
-    step = partial(train_step, model, optimizer, input_ids, config.autocast_dtype)
+    step = partial(train_step, model, optimizer, input_ids, config.autocast_dtype, library == "lorafit-step")
     times, losses = time_steps(step, device, warmup, steps)
     if not all(math.isfinite(loss) for loss in losses):
         raise RuntimeError(f"{library} {config_name}: non-finite loss {losses}")
@@ -147,7 +162,7 @@ def run_all(configs: list[str], warmup: int, steps: int) -> list[dict[str, Any]]
     runs = []
     for i, config_name in enumerate(configs):
         for library in LIBRARIES if i % 2 == 0 else LIBRARIES[::-1]:
-            print(f"[{len(runs) + 1}/{2 * len(configs)}] {config_name} {library} ...", file=sys.stderr, flush=True)
+            print(f"[{len(runs) + 1}/{len(LIBRARIES) * len(configs)}] {config_name} {library} ...", file=sys.stderr, flush=True)
             run = run_worker(__file__, ["--library", library, "--config", config_name, "--warmup", str(warmup), "--steps", str(steps)])
             print(f"    {run['tokens_per_s']:.0f} tokens/s, loss {run['first_loss']:.4f} -> {run['last_loss']:.4f}",
                   file=sys.stderr, flush=True)
@@ -163,13 +178,13 @@ def memory_basis(run: dict[str, Any]) -> tuple[int, int]:
 
 
 def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per config: lorafit/PEFT speed, peak memory and training overhead, and the start-loss difference."""
+    """Per config and lorafit variant ("config/library"): speed, peak memory and overhead over PEFT's, start-loss diff."""
     by_key = {(run["config"], run["library"]): run for run in runs}
     result = {}
-    for config_name in dict.fromkeys(run["config"] for run in runs):
-        ours, ref = by_key[(config_name, "lorafit")], by_key[(config_name, "peft")]
+    for config_name, library in dict.fromkeys((run["config"], run["library"]) for run in runs if run["library"] != "peft"):
+        ours, ref = by_key[(config_name, library)], by_key[(config_name, "peft")]
         (ours_peak, ours_over), (ref_peak, ref_over) = memory_basis(ours), memory_basis(ref)
-        result[config_name] = {
+        result[f"{config_name}/{library}"] = {
             "speed": ours["tokens_per_s"] / ref["tokens_per_s"],
             "peak_memory": ours_peak / ref_peak,
             "overhead_memory": ours_over / ref_over,
@@ -196,7 +211,7 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
 
 def ratios_table(config_ratios: dict[str, dict[str, float]]) -> str:
     """Markdown table of the lorafit/PEFT ratios per config."""
-    headers = ["config", "lorafit/PEFT speed (x)", "lorafit/PEFT peak memory (x)", "lorafit/PEFT overhead (x)", "start loss diff"]
+    headers = ["config/variant", "lorafit/PEFT speed (x)", "lorafit/PEFT peak memory (x)", "lorafit/PEFT overhead (x)", "start loss diff"]
     rows = [[name, f"{r['speed']:.3f}", f"{r['peak_memory']:.3f}", f"{r['overhead_memory']:.3f}", f"{r['start_loss_diff']:.2e}"]
             for name, r in config_ratios.items()]
     return markdown_table(headers, rows)
@@ -205,7 +220,7 @@ def ratios_table(config_ratios: dict[str, dict[str, float]]) -> str:
 def parse_args() -> argparse.Namespace:
     """Command-line options; --worker (internal) runs one measurement and prints it as JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="configs to run (default: all)")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="configs to run (default: all; fp32 only where bf16 is slow, e.g. on CPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run (default 2)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per run (default 6)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 warmup, 2 steps, first config only, no JSON")
@@ -217,7 +232,7 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.warmup, args.steps = 1, 2
         args.configs = args.configs or [next(iter(CONFIGS))]
-    args.configs = args.configs or list(CONFIGS)
+    args.configs = args.configs or default_configs(default_device())
     if args.warmup < 0 or args.steps < 1:
         parser.error("need --warmup >= 0 and --steps >= 1")
     return args
@@ -244,6 +259,7 @@ def main() -> None:
             "batch_size": BATCH_SIZE, "seq_len": SEQ_LEN, "tokens_per_step": BATCH_SIZE * SEQ_LEN, "lr": LR,
             "r": RANK, "alpha": ALPHA, "target_modules": "all-linear", "warmup": args.warmup, "steps": args.steps,
             "configs": args.configs, "data_seed": DATA_SEED, "start_loss_tolerance": START_LOSS_TOLERANCE,
+            "bf16_worthwhile": bf16_worthwhile(default_device()),
         },
         "runs": runs,
         "ratios": config_ratios,
