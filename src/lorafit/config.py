@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -82,9 +82,6 @@ class AdapterConfig:
             _pattern_value(self.rank_pattern, module_name, self.r),
             _pattern_value(self.alpha_pattern, module_name, self.alpha),
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def scale_warning(config: AdapterConfig) -> str | None:

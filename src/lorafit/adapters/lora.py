@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-
 DROPOUT_LEVELS = 1 << 15  # dropout rates are rounded to a multiple of 1/32768 (|error| <= 1.5e-5)
 
 

@@ -1,0 +1,55 @@
+"""Atomic writes: complete results or none, and the previous result survives a failure."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lorafit import fileio
+from lorafit.fileio import atomic_directory, write_json_atomic
+
+
+def test_directory_replaces_the_old_one_whole(tmp_path):
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    with atomic_directory(target) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_error_inside_the_block_keeps_the_old_result(tmp_path):
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            (tmp / "half.txt").write_text("partial")
+            raise RuntimeError("crash while writing")
+    assert [p.name for p in target.iterdir()] == ["a.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_failed_final_rename_puts_the_old_result_back(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src).endswith(".tmp"):
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        with atomic_directory(target) as tmp:
+            (tmp / "b.txt").write_text("two")
+    assert (target / "a.txt").read_text() == "one"
+
+
+def test_json_is_sorted_and_indented(tmp_path):
+    write_json_atomic(tmp_path / "c.json", {"b": 1, "a": [1, 2]})
+    assert (tmp_path / "c.json").read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
