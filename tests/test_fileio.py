@@ -53,3 +53,15 @@ def test_failed_final_rename_puts_the_old_result_back(tmp_path, monkeypatch):
 def test_json_is_sorted_and_indented(tmp_path):
     write_json_atomic(tmp_path / "c.json", {"b": 1, "a": [1, 2]})
     assert (tmp_path / "c.json").read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
+
+
+def test_results_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "c.json", {})
+        with atomic_directory(tmp_path / "d"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -12,12 +12,24 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _give_default_mode(path: Path, is_dir: bool) -> None:
+    """mkstemp/mkdtemp create owner-only files; results should get the usual permissions (umask applied)."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text to a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        _give_default_mode(Path(tmp), is_dir=False)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -44,6 +56,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        _give_default_mode(tmp, is_dir=True)
         yield tmp
         aside = None
         if path.exists():
