@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lorafit.data import (
+    Example,
     TokenizeStats,
     collate,
     count_targets,
@@ -20,11 +21,11 @@ from lorafit.data import (
 
 @dataclass
 class Dataset:
-    """Training rows (packs or single examples) and the statistics of how they were made."""
+    """Training rows (packs or single examples), the examples they came from, and how they were made."""
 
     rows: list[Any]
     stats: TokenizeStats
-    examples: int
+    examples: list[Example]
 
 
 def prepare_rows(path: str, tokenizer: Any, *, max_seq_len: int, packing: bool, assistant_only: bool) -> Dataset:
@@ -32,7 +33,7 @@ def prepare_rows(path: str, tokenizer: Any, *, max_seq_len: int, packing: bool, 
     examples = read_examples(path)
     tokenized, stats = tokenize_examples(tokenizer, examples, assistant_only=assistant_only, max_seq_len=max_seq_len)
     rows: list[Any] = pack_examples(tokenized, max_seq_len) if packing else list(tokenized)
-    return Dataset(rows=rows, stats=stats, examples=len(examples))
+    return Dataset(rows=rows, stats=stats, examples=examples)
 
 
 def steps_per_epoch(num_rows: int, batch_size: int) -> int:

@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 
 from lorafit.adapters.io import save_adapter
 from lorafit.adapters.model import attach, parameter_report
-from lorafit.data import read_examples
+from lorafit.data import Example
 from lorafit.device import bf16_worthwhile
 from lorafit.evaluation.generate import generate_responses
 from lorafit.evaluation.metrics import score
 from lorafit.fileio import write_json_atomic, write_text_atomic
 from lorafit.models import load_model
-from lorafit.run_config import RunConfig, to_dict
+from lorafit.run_config import EvaluationConfig, RunConfig, to_dict
 from lorafit.train.batches import (
     Dataset,
     MicroBatch,
@@ -98,7 +98,7 @@ def train(config: RunConfig, *, resume: bool = False) -> RunResult:
     gen_eval = config.evaluation.generation and data.eval is not None
     if gen_eval and not resume:
         clock = time.perf_counter()
-        result.eval_before = generation_eval(model, tokenizer, data.eval, config)
+        result.eval_before = generation_eval(model, tokenizer, eval_set.examples, config.evaluation)
         result.phases["eval_before_s"] = time.perf_counter() - clock
         print(f"before training: {_describe(result.eval_before)}")
 
@@ -120,6 +120,7 @@ def train(config: RunConfig, *, resume: bool = False) -> RunResult:
     clock = time.perf_counter()
     model.train()
     pad = tokenizer.pad_token_id
+    eval_batches = fixed_batches(eval_set.rows, micro, pad) if eval_set else []  # collated once, reused each eval
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True)
     while state.step < total_steps:
         step_start = time.perf_counter()
@@ -140,8 +141,8 @@ def train(config: RunConfig, *, resume: bool = False) -> RunResult:
         speed = tokens / (time.perf_counter() - step_start)
         row = {"step": state.step, "epoch": round(state.step / per_epoch, 4), "loss": loss, "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": round(speed, 1), "tokens_seen": state.tokens_seen}
-        if eval_set and config.evaluation.every and (state.step % config.evaluation.every == 0 or state.step == total_steps):
-            row["eval_loss"] = eval_loss(model, eval_set, micro, pad, device, use_bf16)
+        if eval_batches and config.evaluation.every and (state.step % config.evaluation.every == 0 or state.step == total_steps):
+            row["eval_loss"] = eval_loss(model, eval_batches, device, use_bf16)
         if state.step % t.log_every == 0 or "eval_loss" in row or state.step == total_steps:
             log.append(row)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}", refresh=False)
@@ -157,7 +158,7 @@ def train(config: RunConfig, *, resume: bool = False) -> RunResult:
     print(f"adapter saved to {out / 'adapter'}")
     if gen_eval:
         clock = time.perf_counter()
-        result.eval_after = generation_eval(model, tokenizer, data.eval, config)
+        result.eval_after = generation_eval(model, tokenizer, eval_set.examples, config.evaluation)
         result.phases["eval_after_s"] = time.perf_counter() - clock
         print(_side_by_side(result.eval_before, result.eval_after))
     write_json_atomic(out / "summary.json", _summary(result))
@@ -169,37 +170,37 @@ def train_step(model: Any, batches: list[MicroBatch], device: torch.device, use_
     targets = sum(b.targets for b in batches)
     total = 0.0
     for batch in batches:
-        tensors = {k: v.to(device) for k, v in batch.tensors.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss_sum = target_loss_sum(model, tensors)
+        loss_sum = _loss_sum(model, batch, device, use_bf16)
         (loss_sum / max(targets, 1)).backward()
         total += loss_sum.item()
     return total / max(targets, 1), sum(b.tokens for b in batches)
 
 
 @torch.no_grad()
-def eval_loss(model: Any, dataset: Dataset, batch_size: int, pad: int, device: torch.device, use_bf16: bool) -> float:
-    """Mean next-token loss over every target of the held-out set."""
+def eval_loss(model: Any, batches: list[MicroBatch], device: torch.device, use_bf16: bool) -> float:
+    """Mean next-token loss over every target of the held-out batches."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for batch in fixed_batches(dataset.rows, batch_size, pad):
-        tensors = {k: v.to(device) for k, v in batch.tensors.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            total += target_loss_sum(model, tensors).item()
-        count += batch.targets
+    total = sum(_loss_sum(model, batch, device, use_bf16).item() for batch in batches)
     model.train(was_training)
-    return total / max(count, 1)
+    return total / max(sum(b.targets for b in batches), 1)
 
 
-def generation_eval(model: Any, tokenizer: Any, path: str, config: RunConfig) -> dict[str, Any]:
+def _loss_sum(model: Any, batch: MicroBatch, device: torch.device, use_bf16: bool) -> torch.Tensor:
+    """Summed target loss of one micro-batch on `device`, under bf16 autocast when asked."""
+    tensors = {k: v.to(device) for k, v in batch.tensors.items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        return target_loss_sum(model, tensors)
+
+
+def generation_eval(model: Any, tokenizer: Any, examples: list[Example], evaluation: EvaluationConfig) -> dict[str, Any]:
     """Greedy replies to the held-out chats, scored against their final assistant turn."""
-    examples = [e for e in read_examples(path) if e.messages and e.messages[-1]["role"] == "assistant"]
-    examples = examples[: config.evaluation.limit] if config.evaluation.limit else examples
+    examples = [e for e in examples if e.messages and e.messages[-1]["role"] == "assistant"]
+    examples = examples[: evaluation.limit] if evaluation.limit else examples
     replies = generate_responses(model, tokenizer, [e.messages[:-1] for e in examples],
-                                 max_new_tokens=config.evaluation.max_new_tokens,
-                                 batch_size=config.evaluation.batch_size, progress=True)
-    result = score(replies, [e.messages[-1]["content"] for e in examples], config.evaluation.metric)
+                                 max_new_tokens=evaluation.max_new_tokens, batch_size=evaluation.batch_size,
+                                 progress=True)
+    result = score(replies, [e.messages[-1]["content"] for e in examples], evaluation.metric)
     result["samples"] = [{"prompt": e.messages[-2]["content"], "reply": r} for e, r in zip(examples[:3], replies[:3])]
     return result
 
@@ -213,7 +214,7 @@ def _print_data_summary(name: str, dataset: Dataset) -> None:
     s = dataset.stats
     note = f", {s.truncated} truncated to max_seq_len" if s.truncated else ""
     dropped = f", {s.dropped} dropped (no target left)" if s.dropped else ""
-    print(f"{name}: {dataset.examples} examples -> {len(dataset.rows)} rows, {s.total_tokens} tokens "
+    print(f"{name}: {len(dataset.examples)} examples -> {len(dataset.rows)} rows, {s.total_tokens} tokens "
           f"({s.target_tokens} trained on){note}{dropped}")
 
 
