@@ -39,13 +39,16 @@ def build_tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
 
 
 def randomize_adapters(model, seed: int = 3, scale: float = 0.1) -> None:
-    """Give every lora_B (and the biases when trained) random values so that comparisons are not trivial."""
+    """Give every lora_B (and the biases when trained) random values, and scale DoRA magnitudes by 1 + N(0, scale),
+    so that comparisons are not trivial."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             is_lora_b = ".lora_B." in name and name.endswith("weight")  # PEFT: lora_B.default.weight
             if is_lora_b or (param.requires_grad and name.endswith(".bias")):
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
+            elif ".lora_magnitude_vector" in name:  # ours: <m>.lora_magnitude_vector; PEFT: ...vector.default.weight
+                param.mul_(1 + torch.randn(param.shape, generator=generator) * scale)
 
 
 SMOLLM2_TEMPLATE = (

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_METHODS = ("default", "gaussian")
+INIT_METHODS = ("default", "gaussian", "pissa", "pissa_niter_<K>", "loftq")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 TARGET_SHORTHANDS = ("all-linear", "attention", "mlp")
 HEALTHY_SCALE = (0.5, 4.0)
 
@@ -56,13 +57,15 @@ class AdapterConfig:
             raise ConfigError(f"bias={self.bias!r} is unknown: use one of {', '.join(BIAS_MODES)}.")
         if self.init is True:
             self.init = "default"
-        if self.init not in INIT_METHODS:
+        if not isinstance(self.init, str) or not (self.init in INIT_METHODS or _PISSA_NITER.fullmatch(self.init)):
             raise ConfigError(
                 f"init={self.init!r} is not supported: use one of {', '.join(INIT_METHODS)} "
-                "(pissa and loftq arrive with the DoRA/PiSSA and QLoRA work)."
+                "(K = subspace iterations of the randomised SVD, e.g. pissa_niter_4)."
             )
-        if self.use_dora:
-            raise ConfigError("use_dora=True is not supported yet: DoRA arrives with the DoRA/PiSSA work; use plain LoRA.")
+        if self.init == "loftq":
+            raise ConfigError("init='loftq' needs the 4-bit NF4 base, which is not available yet; use 'default' or 'pissa'.")
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora={self.use_dora!r} is invalid: use true or false.")
         _check_targets("target_modules", self.target_modules)
         if self.exclude_modules is not None:
             _check_targets("exclude_modules", self.exclude_modules)
@@ -70,6 +73,16 @@ class AdapterConfig:
             _check_rank(f"rank_pattern[{pattern!r}]", rank)
         for pattern, alpha in self.alpha_pattern.items():
             _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
+
+    @property
+    def pissa_niter(self) -> int | None:
+        """Subspace iterations for init 'pissa_niter_K'; None for exact-SVD 'pissa' and for non-PiSSA inits."""
+        match = _PISSA_NITER.fullmatch(self.init)
+        return int(match.group(1)) if match else None
+
+    @property
+    def is_pissa(self) -> bool:
+        return self.init == "pissa" or self.pissa_niter is not None
 
     @property
     def scale(self) -> float:

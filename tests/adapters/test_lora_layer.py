@@ -144,7 +144,7 @@ def test_bf16_autocast_matches_fp32_within_bf16_precision():
 @pytest.mark.parametrize("rate", [0.05, 0.1, 0.5])
 def test_dropout_mask_rate_per_lane(rate):
     """Each of the four 15-bit lanes of a random word drops with the same probability q ~= rate."""
-    from lorafit.adapters.lora import dropout_keep_mask
+    from lorafit.adapters.branch import dropout_keep_mask
 
     torch.manual_seed(0)
     keep, q = dropout_keep_mask(torch.empty(400_000), rate)

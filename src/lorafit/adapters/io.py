@@ -7,6 +7,7 @@ saved here loads with `peft.PeftModel.from_pretrained` and one saved by PEFT loa
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,23 @@ class AdapterFileError(ValueError):
     """An adapter folder is missing, incomplete, corrupt or does not fit the model."""
 
 
-def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapter of `model` to folder `path` atomically, in PEFT's layout."""
+def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path: str | None = None,
+                 convert_pissa: bool = True) -> Path:
+    """Write the adapter of `model` to folder `path` atomically, in PEFT's layout.
+
+    A PiSSA adapter is by default converted to a plain LoRA adapter of rank 2r that applies to the original,
+    unmodified base (PEFT's conversion). convert_pissa=False keeps the residual form: A and B as trained with
+    init 'pissa' in the config, so loading (lorafit or PEFT) re-runs the SVD on the original base to rebuild the
+    residual first; exact for 'pissa', while 'pissa_niter_K' depends on the randomised SVD's seed (lorafit seeds
+    it, PEFT does not), so share converted adapters.
+    """
     config = adapter_config(model)
     if config is None:
         raise ConfigError("this model has no lorafit adapter to save: call lorafit.attach(model, config) first.")
     tensors = adapter_state_dict(model)
     peft_config = to_peft_config(config, model, base_model_name_or_path)
+    if config.is_pissa and convert_pissa:
+        tensors, peft_config = pissa_as_lora(model, tensors, peft_config)
     path = Path(path)
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -58,7 +69,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable adapter tensors under PEFT's saved key names (contiguous, unshared copies)."""
     config = adapter_config(model)
-    wanted = [".lora_A.weight", ".lora_B.weight"]
+    wanted = [".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"]
     state = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         is_bias = name.endswith(".bias") and (
@@ -67,6 +78,24 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if is_bias or any(name.endswith(w) for w in wanted):
             state[KEY_PREFIX + name] = param.detach().contiguous().clone()
     return state
+
+
+def pissa_as_lora(model: nn.Module, tensors: dict[str, torch.Tensor],
+                  peft_config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT's PiSSA -> LoRA conversion: A' = [A; A0], B' = [B, -B0], so s·B'A' = s·(B A - B0 A0) applies to the
+    original W0 (= residual + s·B0 A0). Rank doubles and alpha is multiplied by 2 (sqrt(2) with rsLoRA) to keep s."""
+    tensors = dict(tensors)
+    for name, layer in lora_layers(model).items():
+        key = KEY_PREFIX + name
+        a0, b0 = layer.pissa_initial_A, layer.pissa_initial_B
+        tensors[f"{key}.lora_A.weight"] = torch.cat([tensors[f"{key}.lora_A.weight"], a0.to(layer.lora_A.weight.dtype)], 0)
+        tensors[f"{key}.lora_B.weight"] = torch.cat([tensors[f"{key}.lora_B.weight"], -b0.to(layer.lora_B.weight.dtype)], 1)
+    alpha_factor = math.sqrt(2) if peft_config["use_rslora"] else 2
+    converted = dict(peft_config, r=2 * peft_config["r"], lora_alpha=alpha_factor * peft_config["lora_alpha"],
+                     init_lora_weights=True)
+    converted["rank_pattern"] = {k: 2 * v for k, v in peft_config["rank_pattern"].items()}
+    converted["alpha_pattern"] = {k: alpha_factor * v for k, v in peft_config["alpha_pattern"].items()}
+    return tensors, converted
 
 
 def to_peft_config(config: AdapterConfig, model: nn.Module, base_model_name_or_path: str | None) -> dict[str, Any]:
@@ -166,10 +195,10 @@ def _read_weights(weights_file: Path) -> dict[str, torch.Tensor]:
 
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_file: Path) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
-    expected = {n for n in params if ".lora_A." in n or ".lora_B." in n}
+    expected = {n for n in params if ".lora_A." in n or ".lora_B." in n or n.endswith(".lora_magnitude_vector")}
     loaded = set()
     for key, tensor in tensors.items():
-        name = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+        name = key.removeprefix(KEY_PREFIX)
         name = _strip_adapter_name(name)
         if name not in params:
             if ".lora_" in name or "lora_magnitude_vector" in name:
@@ -194,4 +223,5 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_fi
 
 def _strip_adapter_name(name: str) -> str:
     """PEFT keys carry no adapter name on disk, but accept in-memory style `lora_A.default.weight` too."""
-    return name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    return name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")

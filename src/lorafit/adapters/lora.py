@@ -16,20 +16,14 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-DROPOUT_LEVELS = 1 << 15  # dropout rates are rounded to a multiple of 1/32768 (|error| <= 1.5e-5)
-
-
-def dropout_keep_mask(x: torch.Tensor, rate: float) -> tuple[torch.Tensor, float]:
-    """A bool mask keeping each element with probability 1-q, and q = rate rounded to 1/32768.
-
-    Four 15-bit uniform lanes come from each 64-bit random word: 4x fewer generator calls than
-    bernoulli_, measured 3.5 ms vs 15.4 ms for 1.5M elements on our CPUs.
-    """
-    threshold = round(rate * DROPOUT_LEVELS)
-    n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()  # uniform in [0, 2^63)
-    lanes = words.view(torch.int16)[:n] & (DROPOUT_LEVELS - 1)  # (n,) uniform in [0, 2^15)
-    return (lanes >= threshold).view(x.shape), threshold / DROPOUT_LEVELS
+from lorafit.adapters.branch import (
+    adapter_backward,
+    adapter_forward,
+    dense_weight,
+    layer_shape,
+    masked_input_grad,
+)
+from lorafit.adapters.dora import dora_branch, dora_row_norms
 
 
 class _LoraBranch(torch.autograd.Function):
@@ -40,55 +34,24 @@ class _LoraBranch(torch.autograd.Function):
         out_features, in_features = base_out.shape[-1], x.shape[-1]
         dtype = base_out.dtype  # bf16 under autocast, else the model's dtype
         with torch.autocast(base_out.device.type, enabled=False):
-            x2 = x.reshape(-1, in_features).to(dtype)  # (T, in)
-            keep = None
-            if dropout_p > 0:
-                keep, dropout_p = dropout_keep_mask(x2, dropout_p)  # (T, in) bool
-                x2 = x2 * keep
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            h = x2 @ a.t()  # (T, r)
-            if keep is not None:
-                h = h * (1.0 / (1.0 - dropout_p))
-            out = torch.addmm(base_out.reshape(-1, out_features), h, b.t(), alpha=scaling)  # (T, out)
+            h, keep, inv = adapter_forward(x.reshape(-1, in_features).to(dtype), lora_a, dropout_p)  # (T, r)
+            out = torch.addmm(base_out.reshape(-1, out_features), h, lora_b.to(dtype).t(), alpha=scaling)  # (T, out)
         ctx.save_for_backward(x, keep, h, lora_a, lora_b)
-        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        ctx.scaling, ctx.inv = scaling, inv
         return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, keep, h, lora_a, lora_b = ctx.saved_tensors
-        dtype = h.dtype
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (T, out)
-        grad_b = (g.t() @ h).mul_(ctx.scaling)  # (out, r)
-        gh = (g @ lora_b.to(dtype)).mul_(ctx.scaling)  # (T, r)
-        if keep is not None:
-            gh = gh.mul_(1.0 / (1.0 - ctx.dropout_p))
-        grad_x = grad_a = None
-        if ctx.needs_input_grad[2]:
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            if keep is not None:
-                x2 = x2 * keep
-            grad_a = (gh.t() @ x2).to(lora_a.dtype)  # (r, in)
-        if ctx.needs_input_grad[1]:
-            grad_x = gh @ lora_a.to(dtype)  # (T, in)
-            if keep is not None:
-                grad_x = grad_x.mul_(keep)
-            grad_x = grad_x.view(x.shape).to(x.dtype)
-        return grad_out, grad_x, grad_a, grad_b.to(lora_b.dtype), None, None
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(h.dtype)  # (T, out)
+        grad_x, grad_a, grad_b = adapter_backward(ctx, g, x, keep, ctx.inv, h, lora_a, lora_b, ctx.scaling)
+        return grad_out, masked_input_grad(grad_x, keep, x), grad_a, grad_b, None, None
 
 
 def lora_branch(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scaling: float, dropout_p: float = 0.0) -> torch.Tensor:
     """base_out + scaling · dropout(x) Aᵀ Bᵀ (dropout with rate dropout_p, inverted scaling)."""
     return _LoraBranch.apply(base_out, x, lora_a, lora_b, scaling, dropout_p)
-
-
-def layer_shape(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a linear layer; Conv1D stores its weight as (in, out)."""
-    if isinstance(layer, Conv1D):
-        in_features, out_features = layer.weight.shape
-        return in_features, out_features
-    return layer.in_features, layer.out_features
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -99,11 +62,13 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 class LoraLinear(nn.Module):
     """Wraps one linear layer (kept as `base_layer`, frozen) with trainable `lora_A` and `lora_B`.
 
-    Parameter names match PEFT's saved keys: `<name>.lora_A.weight`, `<name>.lora_B.weight`,
-    `<name>.base_layer.weight`.
+    With use_dora it also holds `lora_magnitude_vector` m (out,), initialised to ||W0 + s·B A||_row so that the
+    wrapped layer starts equal to the base. Parameter names match PEFT's saved keys: `<name>.lora_A.weight`,
+    `<name>.lora_B.weight`, `<name>.lora_magnitude_vector`, `<name>.base_layer.weight`.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, scaling: float, dropout: float) -> None:
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, scaling: float, dropout: float,
+                 use_dora: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
         self.in_features, self.out_features = layer_shape(base_layer)
@@ -112,9 +77,16 @@ class LoraLinear(nn.Module):
         dtype = adapter_dtype(weight.dtype if weight.is_floating_point() else torch.float32)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
-        self.r, self.alpha, self.scaling, self.dropout = r, alpha, scaling, dropout
+        self.lora_magnitude_vector = (
+            nn.Parameter(torch.ones(self.out_features, device=weight.device, dtype=dtype)) if use_dora else None
+        )
+        self.r, self.alpha, self.scaling, self.dropout, self.use_dora = r, alpha, scaling, dropout, use_dora
         self.merged = False
         self.disabled = False
+        self._merge_factor: torch.Tensor | None = None  # DoRA's m / norm at merge time, to unmerge exactly
+        # PiSSA's initial factors (set by adapters.init): the base holds W0 - s·B0 A0, so they give back W0
+        self.register_buffer("pissa_initial_A", None, persistent=False)
+        self.register_buffer("pissa_initial_B", None, persistent=False)
         self.train(base_layer.training)  # a model attached in eval mode must not start dropping out
         self.reset_parameters("default")
 
@@ -126,39 +98,91 @@ class LoraLinear(nn.Module):
             else:
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
+        self.reset_magnitude()
+
+    def reset_magnitude(self) -> None:
+        """DoRA: m <- ||W0 + s·B A||_row, so the layer's output equals W0 x + s·B A x (the base when B = 0)."""
+        if self.use_dora:
+            with torch.no_grad():
+                norms = dora_row_norms(self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling)
+                self.lora_magnitude_vector.copy_(norms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.disabled and self.merged:  # the reference model from merged weights: take the update out again
-            return lora_branch(out, x, self.lora_A.weight, self.lora_B.weight, -self.scaling)
-        if self.disabled or self.merged:
-            return out
-        p = self.dropout if self.training else 0.0
-        return lora_branch(out, x, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
+        if not self.disabled:
+            if self.merged:
+                return out
+            p = self.dropout if self.training else 0.0
+            a, b = self.lora_A.weight, self.lora_B.weight
+            if self.use_dora:
+                return dora_branch(out, x, a, b, self.lora_magnitude_vector, self.base_layer, self.scaling, p)
+            return lora_branch(out, x, a, b, self.scaling, p)
+        # disabled: compute as the original base layer (the reference policy for GRPO), without a weight copy
+        if self.merged:
+            out = self._unmerged_output(out, x)
+        if self.pissa_initial_A is not None:
+            out = lora_branch(out, x, self.pissa_initial_A, self.pissa_initial_B, self.scaling)
+        return out
+
+    def _unmerged_output(self, merged_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output before merging, W0 x + bias, from the output of the merged weight."""
+        if self.use_dora:
+            bias = getattr(self.base_layer, "bias", None)
+            shift = bias if bias is not None else 0.0
+            merged_out = (merged_out - shift) / self._merge_factor.to(merged_out.dtype) + shift
+        return lora_branch(merged_out, x, self.lora_A.weight, self.lora_B.weight, -self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
-        """s · B A in the base weight's layout ((out, in), or (in, out) for Conv1D), in fp32 or wider."""
+        """s · B A as an (out, in) matrix, in fp32 or wider."""
         dtype = torch.promote_types(self.lora_A.weight.dtype, torch.float32)
-        delta = (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling  # (out, in)
-        return delta.t() if self.fan_in_fan_out else delta
+        return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling  # (out, in)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight that computes this layer alone, (out, in), fp32 or wider: W0 + s·B A, or with DoRA
+        (m / ||W0 + s·B A||_row) ⊙ (W0 + s·B A). For a merged layer this is the base weight as it stands."""
+        if self.merged:
+            return dense_weight(self.base_layer).to(torch.promote_types(self.lora_A.weight.dtype, torch.float32))
+        return self._merge_parts()[0]
+
+    def _merge_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(merged weight, DoRA factor m / norm or None) computed from the unmerged base."""
+        delta = self.delta_weight()
+        weight = dense_weight(self.base_layer).to(delta.dtype) + delta
+        if not self.use_dora:
+            return weight, None
+        factor = self.lora_magnitude_vector.detach().to(delta.dtype) / torch.linalg.vector_norm(weight, dim=1)
+        return weight * factor[:, None], factor
 
     def merge(self) -> None:
-        """Fold s · B A into the base weight (W0 <- W0 + s·B·A)."""
-        if not self.merged:
-            self._add_to_base(self.delta_weight())
-            self.merged = True
+        """Fold the adapter into the base weight (W0 <- merged_weight())."""
+        if self.merged:
+            return
+        with torch.no_grad():
+            weight, self._merge_factor = self._merge_parts()  # DoRA's factor is kept to invert the merge exactly
+            self.write_base(weight)
+        self.merged = True
 
     def unmerge(self) -> None:
-        """Take s · B A out of the base weight again."""
-        if self.merged:
-            self._add_to_base(-self.delta_weight())
-            self.merged = False
-
-    def _add_to_base(self, delta: torch.Tensor) -> None:
-        weight = self.base_layer.weight
+        """Restore W0 from the merged weight: W' - s·B A, or W' / (m / norm) - s·B A with DoRA."""
+        if not self.merged:
+            return
         with torch.no_grad():
-            wide = torch.promote_types(weight.dtype, delta.dtype)
-            weight.copy_((weight.to(wide) + delta.to(weight.device, wide)).to(weight.dtype))
+            delta = self.delta_weight()
+            weight = dense_weight(self.base_layer).to(delta.dtype)
+            if self.use_dora:
+                weight = weight / self._merge_factor[:, None]
+                self._merge_factor = None
+            self.write_base(weight - delta)
+        self.merged = False
+
+    def write_base(self, weight: torch.Tensor) -> None:
+        """Store an (out, in) weight into the base layer in its own layout and dtype (under no_grad)."""
+        target = self.base_layer.weight
+        if not target.is_floating_point():
+            raise TypeError(f"cannot merge into a {type(self.base_layer).__name__} base layer in place; "
+                            "use merge_and_unload(), which dequantises it.")
+        target.copy_((weight.t() if self.fan_in_fan_out else weight).to(target.device, target.dtype))
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}, merged={self.merged}"
+        dora = ", dora" if self.use_dora else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}{dora}, merged={self.merged}"

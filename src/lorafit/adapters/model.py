@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lorafit.adapters.init import initialize, restore_pissa_base
 from lorafit.adapters.lora import LoraLinear
 from lorafit.adapters.targets import select_targets
 from lorafit.config import (
@@ -35,8 +36,9 @@ def attach(model: nn.Module, config: AdapterConfig, *, warn_scale: bool = True) 
         param.requires_grad_(False)
     for name in targets:
         r, alpha = config.rank_and_alpha(name)
-        layer = LoraLinear(model.get_submodule(name), r, alpha, lora_scale(alpha, r, config.use_rslora), config.dropout)
-        layer.reset_parameters(config.init)
+        layer = LoraLinear(model.get_submodule(name), r, alpha, lora_scale(alpha, r, config.use_rslora), config.dropout,
+                           use_dora=config.use_dora)
+        initialize(layer, config)
         _replace_module(model, name, layer)
     _set_bias_trainable(model, config.bias)
     setattr(model, CONFIG_ATTR, config)
@@ -117,7 +119,8 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     for name, layer in lora_layers(model).items():
         entry = per_kind[name.rsplit(".", 1)[-1]]
         entry[0] += 1
-        entry[1] += layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
+        entry[1] += sum(p.numel() for p in (layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector)
+                        if p is not None)
     return ParameterReport(
         trainable=sum(p.numel() for p in params if p.requires_grad),
         total=sum(p.numel() for p in params),
@@ -129,8 +132,9 @@ def _unwrap(model: nn.Module, merge_first: bool) -> nn.Module:
     for name, layer in lora_layers(model).items():
         if merge_first:
             layer.merge()
-        elif layer.merged:
+        else:
             layer.unmerge()
+            restore_pissa_base(layer)
         _replace_module(model, name, layer.base_layer)
     for attr in (CONFIG_ATTR, TARGETS_ATTR):
         if hasattr(model, attr):

@@ -40,7 +40,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     """Write checkpoints/step-N atomically, then delete all but the newest `keep`."""
     target = checkpoint_dir(run_dir) / f"step-{state.step:08d}"
     with atomic_directory(target) as tmp:
-        save_adapter(model, tmp / "adapter")
+        save_adapter(model, tmp / "adapter", convert_pissa=False)  # resume needs the residual form
         torch.save({
             "trainer": vars(state),
             "optimizer": optimizer.state_dict(),
