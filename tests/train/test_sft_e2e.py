@@ -35,12 +35,14 @@ def test_train_writes_adapter_metrics_checkpoints_and_summary(tiny_run):
     assert any(layer.lora_B.weight.abs().sum() > 0 for layer in lorafit.adapters.model.lora_layers(adapted).values())
 
 
-def test_resume_reproduces_the_uninterrupted_losses(tiny_run, monkeypatch):
-    full = tiny_run / "out_a"
-    run(tiny_run, f"output_dir={full}")
+@pytest.mark.parametrize("variant", [[], ["adapter.use_dora=true", "adapter.init=pissa_niter_2"]],
+                         ids=["lora", "dora-pissa"])
+def test_resume_reproduces_the_uninterrupted_losses(tiny_run, monkeypatch, variant):
+    full = tiny_run / f"out_a{len(variant)}"
+    run(tiny_run, f"output_dir={full}", *variant)
     expected = {r["step"]: r["loss"] for r in read_metrics(full / "metrics.jsonl")}
 
-    broken = tiny_run / "out_b"
+    broken = tiny_run / f"out_b{len(variant)}"
     real_step = sft.train_step
     calls = {"n": 0}
 
@@ -52,10 +54,10 @@ def test_resume_reproduces_the_uninterrupted_losses(tiny_run, monkeypatch):
 
     monkeypatch.setattr(sft, "train_step", crash_on_fifth)
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_run, f"output_dir={broken}")
+        run(tiny_run, f"output_dir={broken}", *variant)
     monkeypatch.setattr(sft, "train_step", real_step)
     assert list_checkpoints(broken)[-1].name == "step-00000004"
-    result = run(tiny_run, f"output_dir={broken}", resume=True)
+    result = run(tiny_run, f"output_dir={broken}", *variant, resume=True)
     assert result.steps == 6
     resumed = {r["step"]: r["loss"] for r in read_metrics(broken / "metrics.jsonl")}
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
