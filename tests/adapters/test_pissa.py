@@ -15,7 +15,6 @@ from torch import nn
 import lorafit
 from lorafit.adapters.init import pissa_init, principal_factors
 from lorafit.adapters.lora import LoraLinear
-from lorafit.adapters.model import lora_layers
 from lorafit.config import ConfigError
 
 TOL = 1e-5  # fp32 logits

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lorafit.adapters.init import initialize, restore_pissa_base
@@ -20,6 +21,7 @@ from lorafit.config import (
     lora_scale,
     scale_warning,
 )
+from lorafit.quant.linear4bit import Linear4bit
 
 CONFIG_ATTR = "lorafit_adapter_config"
 TARGETS_ATTR = "lorafit_adapter_targets"
@@ -73,9 +75,21 @@ def detach(model: nn.Module) -> nn.Module:
     return _unwrap(model, merge_first=False)
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and replace each LoraLinear by its base layer: an ordinary transformers model."""
-    return _unwrap(model, merge_first=True)
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Merge every adapter and replace each LoraLinear by its base layer: an ordinary transformers model.
+
+    A 4-bit base is dequantised: each adapted layer becomes an nn.Linear holding W0 + s·B A (or DoRA's merged
+    weight) computed in fp32 and stored in `dtype` (default: the dtype of the model's input embeddings), and
+    every other Linear4bit is dequantised the same way, so the result holds no 4-bit layer.
+    """
+    if dtype is None:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        dtype = embeddings.weight.dtype if embeddings is not None else torch.float32
+    _unwrap(model, merge_first=True, dtype=dtype)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear4bit):
+            _replace_module(model, name, _dense_linear(module.dequantize(torch.float32), module.bias, dtype))
+    return model
 
 
 @contextmanager
@@ -121,25 +135,41 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         entry[0] += 1
         entry[1] += sum(p.numel() for p in (layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector)
                         if p is not None)
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
     return ParameterReport(
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params),
+        total=sum(p.numel() for p in params) + quantized,  # 4-bit weights are packed codes, not parameters
         per_kind={k: (v[0], v[1]) for k, v in per_kind.items()},
     )
 
 
-def _unwrap(model: nn.Module, merge_first: bool) -> nn.Module:
+def _unwrap(model: nn.Module, merge_first: bool, dtype: torch.dtype | None = None) -> nn.Module:
     for name, layer in lora_layers(model).items():
-        if merge_first:
+        replacement = layer.base_layer
+        if merge_first and isinstance(layer.base_layer, Linear4bit):
+            with torch.no_grad():
+                replacement = _dense_linear(layer.merged_weight(), layer.base_layer.bias, dtype)
+        elif merge_first:
             layer.merge()
         else:
             layer.unmerge()
             restore_pissa_base(layer)
-        _replace_module(model, name, layer.base_layer)
+        _replace_module(model, name, replacement)
     for attr in (CONFIG_ATTR, TARGETS_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
+
+
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """A frozen nn.Linear holding an (out, in) weight and a bias, in `dtype`, on the weight's device."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear.requires_grad_(False)
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

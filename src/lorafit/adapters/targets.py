@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorafit.config import ConfigError
+from lorafit.quant.linear4bit import Linear4bit
 
 ATTENTION_WORDS = ("attn", "attention")
 MLP_WORDS = ("mlp", "feed_forward", "ffn")
@@ -19,8 +20,8 @@ class TargetError(ConfigError):
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """True for the layer types an adapter can wrap: nn.Linear (and subclasses) and GPT-2's Conv1D."""
-    return isinstance(module, (nn.Linear, Conv1D))
+    """True for the layer types an adapter can wrap: nn.Linear (and subclasses), GPT-2's Conv1D, 4-bit Linear4bit."""
+    return isinstance(module, (nn.Linear, Conv1D, Linear4bit))
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
@@ -52,7 +53,7 @@ def select_targets(
             kinds = sorted({type(model.get_submodule(n)).__name__ for n in unsupported})
             raise TargetError(
                 f"target_modules={target_modules!r} matches {unsupported[0]!r} ({', '.join(kinds)}), which is not a "
-                f"linear layer; adapters wrap nn.Linear and Conv1D only. {describe_linear_layers(model)}"
+                f"linear layer; adapters wrap nn.Linear, Conv1D and Linear4bit only. {describe_linear_layers(model)}"
             )
     if exclude_modules is not None:
         chosen = [n for n in chosen if not name_matches(n, exclude_modules)]

