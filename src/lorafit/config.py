@@ -45,6 +45,7 @@ class AdapterConfig:
     use_dora: bool = False
     bias: str = "none"
     init: str = "default"
+    loftq_iter: int = 1  # alternations of NF4 quantisation and SVD for init="loftq"
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
@@ -62,8 +63,8 @@ class AdapterConfig:
                 f"init={self.init!r} is not supported: use one of {', '.join(INIT_METHODS)} "
                 "(K = subspace iterations of the randomised SVD, e.g. pissa_niter_4)."
             )
-        if self.init == "loftq":
-            raise ConfigError("init='loftq' needs the 4-bit NF4 base, which is not available yet; use 'default' or 'pissa'.")
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ConfigError(f"loftq_iter={self.loftq_iter!r} is invalid: use a positive integer (1 is PEFT's default).")
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"use_dora={self.use_dora!r} is invalid: use true or false.")
         _check_targets("target_modules", self.target_modules)

@@ -91,3 +91,31 @@ def test_pissa_on_a_4bit_base_is_a_clear_error():
     model = tiny_4bit()
     with pytest.raises(ConfigError, match="init='pissa' needs a 16/32-bit base weight"):
         lorafit.attach(model, lorafit.AdapterConfig(r=4, alpha=8, init="pissa"))
+
+
+@pytest.mark.parametrize("alpha", [4, 16])  # s = 1 (PEFT's exact case) and s = 4 (lorafit compensates the scale)
+def test_loftq_start_is_closer_to_the_float_model_than_plain_nf4(tmp_path, alpha, input_ids):
+    float_model = build_tiny("llama")
+    nf4_model = copy.deepcopy(float_model)
+    quantize_block_linears(nf4_model)
+    model = lorafit.attach(copy.deepcopy(float_model), lorafit.AdapterConfig(r=4, alpha=alpha, init="loftq",
+                                                                             loftq_iter=2), warn_scale=False)
+    layers = lora_layers(model)
+    assert all(isinstance(layer.base_layer, Linear4bit) for layer in layers.values())
+    assert all(layer.base_layer.quant_state.double_quant for layer in layers.values())
+    for name, layer in layers.items():
+        w = float_model.get_submodule(name).weight.detach()
+        loftq_err = (w - layer.merged_weight()).norm()
+        nf4_err = (w - nf4_model.get_submodule(name).dequantize(torch.float32)).norm()
+        assert loftq_err < 0.9 * nf4_err, name
+    reference = float_model(input_ids).logits
+    loftq_diff = (model(input_ids).logits - reference).abs().max().item()
+    nf4_diff = (nf4_model(input_ids).logits - reference).abs().max().item()
+    print(f"alpha={alpha}: max logit diff to the float model: LoftQ start {loftq_diff:.3e}, plain NF4 {nf4_diff:.3e}")
+    assert loftq_diff < nf4_diff
+
+    lorafit.save_adapter(model, tmp_path / "a")  # config keeps init 'loftq': loading re-derives the same base
+    reloaded = lorafit.load_adapter(copy.deepcopy(float_model), tmp_path / "a")
+    torch.testing.assert_close(reloaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="init='loftq' quantises float nn.Linear weights itself"):
+        lorafit.attach(nf4_model, lorafit.AdapterConfig(r=4, alpha=alpha, init="loftq"))

@@ -1,4 +1,5 @@
-"""Adapter initialisers: default / gaussian (B = 0) and PiSSA (A, B from the top singular triplets of W0).
+"""Adapter initialisers: default / gaussian (B = 0), PiSSA (A, B from the top singular triplets of W0) and
+LoftQ (the base becomes NF4 and A, B absorb its quantisation error).
 
 PiSSA (Meng et al. 2024; PEFT's `pissa_init`): W0 = U S Vᵀ; with S' = S[:r] / s,
 A = sqrt(S') Vᵀ[:r] (r, in), B = U[:, :r] sqrt(S') (out, r), so s·B A is W0's principal rank-r part, and the
@@ -9,10 +10,14 @@ base keeps the residual W0 - s·B A: the wrapped layer starts equal to the base.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from lorafit.adapters.branch import dense_weight
 from lorafit.adapters.lora import LoraLinear
 from lorafit.config import AdapterConfig, ConfigError
+from lorafit.device import bf16_worthwhile
+from lorafit.quant.linear4bit import Linear4bit
+from lorafit.quant.loftq import loftq_quantized
 
 PISSA_SEED = 0  # the randomised SVD of pissa_niter_K is seeded so a resumed run rebuilds the same residual
 
@@ -21,6 +26,8 @@ def initialize(layer: LoraLinear, config: AdapterConfig) -> None:
     """Initialise one freshly attached layer as config.init says."""
     if config.is_pissa:
         pissa_init(layer, config.pissa_niter)
+    elif config.init == "loftq":
+        loftq_init(layer, config.loftq_iter)
     else:
         layer.reset_parameters(config.init)
 
@@ -69,3 +76,24 @@ def restore_pissa_base(layer: LoraLinear) -> None:
         dtype = torch.promote_types(a0.dtype, torch.float32)
         residual = dense_weight(layer.base_layer).to(dtype)
         layer.write_base(residual + layer.scaling * (b0.to(dtype) @ a0.to(dtype)))
+
+
+def loftq_init(layer: LoraLinear, iterations: int = 1, double_quant: bool = True,
+               compute_dtype: torch.dtype | None = None) -> None:
+    """Replace the float base by its LoftQ NF4 quantisation Q and set A, B so that Q + s·B A ≈ W0."""
+    base = layer.base_layer
+    if not isinstance(base, nn.Linear):
+        raise ConfigError(
+            f"init='loftq' quantises float nn.Linear weights itself, but this layer is {type(base).__name__}; "
+            "load the model without quantize= (lorafit's trainer does this when init is loftq), or use "
+            "init='default' on an already 4-bit model."
+        )
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if bf16_worthwhile(base.weight.device) else torch.float32
+    with torch.no_grad():
+        q, lora_a, lora_b = loftq_quantized(base.weight, layer.r, iterations, scaling=layer.scaling,
+                                            double_quant=double_quant)
+        layer.lora_A.weight.copy_(lora_a)
+        layer.lora_B.weight.copy_(lora_b)
+    layer.base_layer = Linear4bit(q, base.bias, compute_dtype)
+    layer.reset_magnitude()

@@ -116,6 +116,7 @@ def to_peft_config(config: AdapterConfig, model: nn.Module, base_model_name_or_p
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
         "init_lora_weights": True if config.init == "default" else config.init,
+        "loftq_config": {"loftq_bits": 4, "loftq_iter": config.loftq_iter} if config.init == "loftq" else {},
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
@@ -158,6 +159,7 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
             use_dora=bool(raw.get("use_dora", False)),
             bias=raw.get("bias", "none"),
             init="default" if init in (True, False) else init,
+            loftq_iter=(raw.get("loftq_config") or {}).get("loftq_iter", 1),
             rank_pattern=raw.get("rank_pattern") or {},
             alpha_pattern=raw.get("alpha_pattern") or {},
         )

@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lorafit.adapters.lora import LoraLinear
 from lorafit.config import LorafitWarning
 from lorafit.device import bf16_worthwhile, default_device
 from lorafit.fileio import atomic_directory
@@ -137,13 +138,15 @@ def _known_model_folder(name: str) -> Path:
 def block_linear_names(model: nn.Module) -> list[str]:
     """Names of the nn.Linear layers inside the transformer blocks (any nn.ModuleList): the layers NF4 replaces.
 
-    The input embeddings and the output head are never included, even when they are linear.
+    The input embeddings, the output head and adapters' own lora_A / lora_B are never included.
     """
     lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
     excluded = {id(m) for m in (_call_or_none(model, "get_input_embeddings"), _call_or_none(model, "get_output_embeddings")) if m}
+    adapters = [name for name, module in model.named_modules() if isinstance(module, LoraLinear)]
     return [name for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and id(module) not in excluded
-            and any(name.startswith(prefix + ".") for prefix in lists)]
+            and any(name.startswith(prefix + ".") for prefix in lists)
+            and not any(name.startswith(adapter + ".lora_") for adapter in adapters)]
 
 
 def _call_or_none(model: nn.Module, method: str) -> nn.Module | None:

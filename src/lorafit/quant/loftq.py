@@ -1,9 +1,10 @@
-"""LoftQ: start LoRA from factors that absorb the NF4 quantisation error, W ≈ Q + B A (PEFT's loftq_init).
+"""LoftQ: start LoRA from factors that absorb the NF4 quantisation error, W ≈ Q + s·B A.
 
-All in fp32 from BA = 0: for each iteration, Q = NF4(W - BA) (blocksize 64, no double
-quantisation, as PEFT's bnb call), then B, A = the rank-r SVD of W - Q split symmetrically,
-B = U_r sqrt(S_r), A = sqrt(S_r) V_rᵀ. The adapter scale is NOT compensated: the init is exact
-only when alpha / r = 1, as in PEFT (FACTS §5).
+All in fp32 from BA = 0: for each iteration, Q = NF4(W - s·BA), then B, A = the rank-r SVD of W - Q
+split symmetrically, B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_rᵀ. `loftq_quantized` (what lorafit's
+init='loftq' uses) quantises with the base's own settings and compensates the scale s = alpha/r;
+`loftq_factors` is PEFT's loftq_init exactly (no double quantisation, scale not compensated: exact only
+when alpha / r = 1, FACTS §5), kept as the reference the tests compare with bitsandbytes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafit.quant.nf4 import QuantizationError, dequantize_nf4, quantize_nf4
+from lorafit.quant.nf4 import NF4Tensor, QuantizationError, dequantize_nf4, quantize_nf4
 
 
 def _nf4_roundtrip(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -20,10 +21,13 @@ def _nf4_roundtrip(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def loftq_factors(weight: torch.Tensor, r: int, iterations: int = 1,
-                  blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q, lora_a, lora_b) for an (out, in) weight: Q the dequantised NF4 base in weight's dtype,
-    lora_a (r, in) and lora_b (out, r) in fp32, with Q + lora_b @ lora_a ≈ weight."""
+def loftq_quantized(weight: torch.Tensor, r: int, iterations: int = 1, blocksize: int = 64, scaling: float = 1.0,
+                    double_quant: bool = False) -> tuple[NF4Tensor, torch.Tensor, torch.Tensor]:
+    """(q, lora_a, lora_b) for an (out, in) weight: q the NF4 base, with dequant(q) + scaling · lora_b @ lora_a ≈ W.
+
+    q uses the quantiser the base will keep (double_quant as the model's), so the adapter absorbs exactly
+    the error of the stored base; the factors carry 1/sqrt(scaling) each, so the start is right for any alpha/r.
+    """
     if weight.dim() != 2:
         raise QuantizationError(f"LoftQ needs a 2-D (out, in) weight, got shape {tuple(weight.shape)}.")
     if not 1 <= r <= min(weight.shape):
@@ -33,14 +37,22 @@ def loftq_factors(weight: torch.Tensor, r: int, iterations: int = 1,
     target = weight.detach().float()  # (out, in)
     residual = target
     for step in range(iterations):
-        q = _nf4_roundtrip(residual, blocksize)  # (out, in)
-        u, s, vh = torch.linalg.svd(target - q, full_matrices=False)
-        root = s[:r].sqrt()  # (r,)
+        q = quantize_nf4(residual, blocksize=blocksize, double_quant=double_quant)
+        u, s, vh = torch.linalg.svd(target - dequantize_nf4(q, torch.float32), full_matrices=False)
+        root = (s[:r] / scaling).sqrt()  # (r,)
         lora_b = u[:, :r] * root  # (out, r)
         lora_a = root.unsqueeze(1) * vh[:r]  # (r, in)
         if step + 1 < iterations:
-            residual = target - lora_b @ lora_a
-    return q.to(weight.dtype), lora_a, lora_b
+            residual = target - scaling * (lora_b @ lora_a)
+    return q, lora_a, lora_b
+
+
+def loftq_factors(weight: torch.Tensor, r: int, iterations: int = 1,
+                  blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PEFT's loftq_init: (Q, lora_a, lora_b) with Q the dequantised NF4 base (no double quantisation) in weight's
+    dtype, lora_a (r, in) and lora_b (out, r) in fp32, Q + lora_b @ lora_a ≈ weight (scale not compensated)."""
+    q, lora_a, lora_b = loftq_quantized(weight, r, iterations, blocksize)
+    return dequantize_nf4(q, torch.float32).to(weight.dtype), lora_a, lora_b
 
 
 @dataclass(frozen=True)
