@@ -1,15 +1,18 @@
-"""LoRA training-step cost on SmolLM2-135M-Instruct: lorafit against PEFT, measured in the same run.
+"""LoRA and DoRA training-step cost on SmolLM2-135M-Instruct: lorafit against PEFT, measured in the same run.
 
 Each (config, library) pair trains in its own subprocess so that peak memory belongs to that run alone:
-batch 4 x 256 random tokens (loss on all of them), AdamW lr 1e-4, LoRA r=16 alpha=32 on all linear layers.
+batch 4 x 256 random tokens (loss on all of them), AdamW lr 1e-4, r=16 alpha=32 on all linear layers.
 "lorafit" swaps only the adapter layers (same transformers loss as PEFT); "lorafit-step" is what
 `lorafit train` runs: the same layers plus lorafit's loss, which never builds the full-vocabulary logits.
+DoRA configs (`--method dora`) compare PEFT with lorafit-step computing DoRA's row norms the factored way
+(the default) and "lorafit-step-direct-norm", which forms W0 + s·B A per layer as PEFT does.
 The runs alternate between the libraries so that background load does not favour one side.
 By default the bf16 config runs only where bf16 autocast is worthwhile (CUDA): on a CPU without native
 bf16 instructions one step takes minutes; ask for it with --configs to measure it anyway.
 
-Run: python benchmarks/adapter_overhead.py [--configs dropout0-fp32 ...] [--warmup 2 --steps 6] [--quick]
-Writes benchmarks/results/adapter_overhead.json (not with --quick unless --out is given).
+Run: python benchmarks/adapter_overhead.py [--method lora|dora] [--configs ...] [--warmup 2 --steps 6] [--quick]
+Writes benchmarks/results/adapter_overhead.json, or dora_overhead.json for --method dora (not with --quick
+unless --out is given).
 """
 
 from __future__ import annotations
@@ -51,44 +54,64 @@ MODEL = "smollm2-135m"
 BATCH_SIZE, SEQ_LEN = 4, 256
 LR, RANK, ALPHA = 1e-4, 16, 32
 DATA_SEED = 0
-LIBRARIES = ("peft", "lorafit", "lorafit-step")
+LIBRARIES = ("peft", "lorafit", "lorafit-step", "lorafit-step-direct-norm")
 START_LOSS_TOLERANCE = 1e-4  # B = 0 at init, so both libraries start from the base model's loss
-DEFAULT_OUT = RESULTS_DIR / "adapter_overhead.json"
+DEFAULT_OUT = {"lora": RESULTS_DIR / "adapter_overhead.json", "dora": RESULTS_DIR / "dora_overhead.json"}
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One benchmark configuration: LoRA dropout rate and the autocast dtype (None: plain fp32)."""
+    """One benchmark configuration: the method, the adapter dropout rate and the autocast dtype (None: fp32)."""
 
+    method: str
     dropout: float
     autocast_dtype: torch.dtype | None
 
+    @property
+    def libraries(self) -> tuple[str, ...]:
+        """PEFT and the lorafit variants this config compares."""
+        if self.method == "dora":
+            return ("peft", "lorafit-step", "lorafit-step-direct-norm")
+        return ("peft", "lorafit", "lorafit-step")
+
 
 CONFIGS = {
-    "dropout0.05-fp32": RunConfig(0.05, None),
-    "dropout0-fp32": RunConfig(0.0, None),
-    "dropout0.05-bf16": RunConfig(0.05, torch.bfloat16),
+    "dropout0.05-fp32": RunConfig("lora", 0.05, None),
+    "dropout0-fp32": RunConfig("lora", 0.0, None),
+    "dropout0.05-bf16": RunConfig("lora", 0.05, torch.bfloat16),
+    "dora-dropout0.05-fp32": RunConfig("dora", 0.05, None),
+    "dora-dropout0-fp32": RunConfig("dora", 0.0, None),
+    "dora-dropout0.05-bf16": RunConfig("dora", 0.05, torch.bfloat16),
 }
 
 
-def default_configs(device: torch.device) -> list[str]:
-    """Every config on a device where bf16 autocast pays off; elsewhere only the fp32 ones."""
-    return [name for name, config in CONFIGS.items() if config.autocast_dtype is None or bf16_worthwhile(device)]
+def default_configs(method: str, device: torch.device) -> list[str]:
+    """The method's configs: all of them where bf16 autocast pays off, elsewhere only the fp32 ones."""
+    return [name for name, config in CONFIGS.items()
+            if config.method == method and (config.autocast_dtype is None or bf16_worthwhile(device))]
 
 
-def build_model(library: str, dropout: float, device: torch.device) -> nn.Module:
-    """SmolLM2 with LoRA (r=16, alpha=32, all linear layers) attached by `library`, in train mode."""
+def build_model(library: str, config: RunConfig, device: torch.device) -> nn.Module:
+    """SmolLM2 with LoRA or DoRA (r=16, alpha=32, all linear layers) attached by `library`, in train mode."""
     model, _ = lorafit.load_model(MODEL, device=device)
+    dora = config.method == "dora"
     if library.startswith("lorafit"):
-        model = lorafit.attach(model, lorafit.AdapterConfig(r=RANK, alpha=ALPHA, dropout=dropout, target_modules="all-linear"))
+        if library.endswith("direct-norm"):  # measure PEFT's way of taking the norms inside lorafit's layer
+            import lorafit.adapters.dora as dora_module
+
+            dora_module.row_norms_factored = dora_module.row_norms_direct
+        adapter = lorafit.AdapterConfig(r=RANK, alpha=ALPHA, dropout=config.dropout, target_modules="all-linear",
+                                        use_dora=dora)
+        model = lorafit.attach(model, adapter)
     else:
         from peft import (  # reference dependency (test extra), only needed here
             LoraConfig,
             get_peft_model,
         )
 
-        config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules="all-linear")
-        model = get_peft_model(model, config)
+        adapter = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=config.dropout, target_modules="all-linear",
+                             use_dora=dora)
+        model = get_peft_model(model, adapter)
     return model.train()
 
 
@@ -121,7 +144,7 @@ def measure(library: str, config_name: str, warmup: int, steps: int) -> dict[str
     device = default_device()
     config = CONFIGS[config_name]
     start = time.perf_counter()
-    model = build_model(library, config.dropout, device)
+    model = build_model(library, config, device)
     load_s = time.perf_counter() - start
     baseline_rss = current_rss_bytes()
     cuda_baseline = cuda_memory_bytes(device)
@@ -129,7 +152,7 @@ def measure(library: str, config_name: str, warmup: int, steps: int) -> dict[str
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR)
     input_ids = random_batch(model.config.vocab_size, device)
-    step = partial(train_step, model, optimizer, input_ids, config.autocast_dtype, library == "lorafit-step")
+    step = partial(train_step, model, optimizer, input_ids, config.autocast_dtype, library.startswith("lorafit-step"))
     times, losses = time_steps(step, device, warmup, steps)
     if not all(math.isfinite(loss) for loss in losses):
         raise RuntimeError(f"{library} {config_name}: non-finite loss {losses}")
@@ -160,9 +183,11 @@ def measure(library: str, config_name: str, warmup: int, steps: int) -> dict[str
 def run_all(configs: list[str], warmup: int, steps: int) -> list[dict[str, Any]]:
     """One worker per (config, library); the library order flips from one config to the next."""
     runs = []
+    total = sum(len(CONFIGS[name].libraries) for name in configs)
     for i, config_name in enumerate(configs):
-        for library in LIBRARIES if i % 2 == 0 else LIBRARIES[::-1]:
-            print(f"[{len(runs) + 1}/{len(LIBRARIES) * len(configs)}] {config_name} {library} ...", file=sys.stderr, flush=True)
+        libraries = CONFIGS[config_name].libraries
+        for library in libraries if i % 2 == 0 else libraries[::-1]:
+            print(f"[{len(runs) + 1}/{total}] {config_name} {library} ...", file=sys.stderr, flush=True)
             run = run_worker(__file__, ["--library", library, "--config", config_name, "--warmup", str(warmup), "--steps", str(steps)])
             print(f"    {run['tokens_per_s']:.0f} tokens/s, loss {run['first_loss']:.4f} -> {run['last_loss']:.4f}",
                   file=sys.stderr, flush=True)
@@ -220,7 +245,8 @@ def ratios_table(config_ratios: dict[str, dict[str, float]]) -> str:
 def parse_args() -> argparse.Namespace:
     """Command-line options; --worker (internal) runs one measurement and prints it as JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="configs to run (default: all; fp32 only where bf16 is slow, e.g. on CPU)")
+    parser.add_argument("--method", choices=("lora", "dora"), default="lora", help="which configs run by default")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="configs to run (default: the method's; fp32 only where bf16 is slow, e.g. on CPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run (default 2)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per run (default 6)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 warmup, 2 steps, first config only, no JSON")
@@ -231,8 +257,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.quick:
         args.warmup, args.steps = 1, 2
-        args.configs = args.configs or [next(iter(CONFIGS))]
-    args.configs = args.configs or default_configs(default_device())
+        args.configs = args.configs or default_configs(args.method, default_device())[:1]
+    args.configs = args.configs or default_configs(args.method, default_device())
     if args.warmup < 0 or args.steps < 1:
         parser.error("need --warmup >= 0 and --steps >= 1")
     return args
@@ -251,6 +277,7 @@ def main() -> None:
     loss_ok = all(r["start_loss_diff"] <= START_LOSS_TOLERANCE for r in config_ratios.values())
     results = {
         "benchmark": "adapter_overhead",
+        "method": args.method,
         "model": MODEL,
         "machine": info,
         "load_average_after": load_average(),
@@ -265,7 +292,7 @@ def main() -> None:
         "ratios": config_ratios,
         "start_losses_agree": loss_ok,
     }
-    out = args.out or (None if args.quick else DEFAULT_OUT)
+    out = args.out or (None if args.quick else DEFAULT_OUT[args.method])
     if out is not None:
         write_json_atomic(out, results)
         print(f"\nwrote {out}")

@@ -72,6 +72,25 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def window_peak_rss_bytes() -> int:
+    """Peak RSS since the last reset_peak_rss() (VmHWM on Linux; elsewhere the whole-process peak)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return peak_rss_bytes()
+
+
 def reset_cuda_peak(device: torch.device) -> None:
     """Start a new CUDA peak-memory window (no-op off CUDA)."""
     if device.type == "cuda":

@@ -8,8 +8,9 @@ offsets. This works with any template that renders prefixes consistently, withou
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from tqdm.auto import tqdm
 

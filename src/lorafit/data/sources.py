@@ -10,9 +10,10 @@ import csv
 import json
 import re
 from bisect import bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, NoReturn
 
 ROLES = ("system", "user", "assistant")
 _SPACE = re.compile(r"\s*")

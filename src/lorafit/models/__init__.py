@@ -4,6 +4,7 @@ from lorafit.models.load import (
     ModelLoadError,
     block_linear_names,
     load_model,
+    load_tokenizer,
     quantize_block_linears,
 )
 from lorafit.models.zoo import KNOWN_MODELS, ModelFetchError, cache_root
@@ -15,5 +16,6 @@ __all__ = [
     "block_linear_names",
     "cache_root",
     "load_model",
+    "load_tokenizer",
     "quantize_block_linears",
 ]

@@ -90,6 +90,12 @@ def _load_error(source: str, err: Exception) -> ModelLoadError:
     )
 
 
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of a model (short name, folder or hub id): for data checks that need no weights."""
+    source = _known_model_folder(name_or_path) if name_or_path in KNOWN_MODELS else name_or_path
+    return _load_tokenizer(str(source))
+
+
 def _load_tokenizer(source: str, **kwargs) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)

@@ -1,0 +1,1 @@
+"""Diagnostics: config checks, dataset audit, loss-curve diagnosis, recommender and memory estimator."""

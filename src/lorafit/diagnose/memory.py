@@ -1,0 +1,390 @@
+"""Training-memory estimate for LoRA, QLoRA and full fine-tuning from a model's shape alone.
+
+Each bucket is counted the way PyTorch holds it during one training step of a Llama-family model:
+- weights: the base model (QLoRA: bitsandbytes NF4 with double quantisation for the block linears,
+  the embeddings, head and norms in the compute dtype);
+- adapters, their gradients and optimizer state: fp32 (PEFT and lorafit keep adapters in fp32);
+- activations: what autograd keeps after the forward pass, tensor by tensor (see `activation_bytes`);
+- logits: lorafit's chunked head loss (train/loss.py); `logits_hf` is the stock transformers loss.
+The total is the sum of the buckets, an upper bound: the gradients (freed by zero_grad before each forward)
+and, with checkpointing, the one rebuilt block are never alive with the head's logits. On SmolLM2 it exceeds
+the allocator's measured peak by 1-6% (benchmarks/memory_estimate.py). Not modelled: QLoRA's one weight
+dequantised at a time in the backward pass (117 MB for a Llama-3-8B MLP weight), the optimizer step's temporaries.
+Numbers are bytes; the text table prints GB (1e9 bytes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.profiler import ProfilerActivity, profile
+
+from lorafit.adapters.targets import name_matches
+from lorafit.config import ConfigError
+from lorafit.diagnose.model_shape import (
+    ATTENTION_LINEARS,
+    BLOCK_LINEARS,
+    LLAMA_3_8B,
+    MLP_LINEARS,
+    ModelShape,
+    model_shape,
+)
+from lorafit.train.loss import CHUNK_ROWS
+
+GB = 1e9
+METHODS = ("lora", "qlora", "full")
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
+FP32 = 4
+NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # bitsandbytes defaults: 64 weights per absmax, 256 absmax per fp32 scale
+NF4_CONSTANTS = 16 * FP32 + 256 * FP32 + FP32  # per layer: NF4 code book, 8-bit code of the absmax, their offset
+BNB_8BIT_BLOCK, BNB_MIN_8BIT_SIZE = 256, 4096  # bitsandbytes 8-bit optimizers: blockwise absmax; small tensors stay fp32
+TARGET_SETS = {"all-linear": BLOCK_LINEARS, "attention": ATTENTION_LINEARS, "mlp": MLP_LINEARS}
+BUCKETS = ("weights", "adapters", "gradients", "optimizer", "activations", "logits")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per bucket of one training step and the settings they assume; `total` is their sum."""
+
+    weights: int
+    adapters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    logits_hf: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        """Peak estimate with lorafit's chunked head loss."""
+        return sum(getattr(self, name) for name in BUCKETS)
+
+    @property
+    def total_hf(self) -> int:
+        """Peak estimate with the stock transformers loss, which materialises (tokens x vocab) logits."""
+        return self.total - self.logits + self.logits_hf
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: every bucket in bytes, both totals, and the settings."""
+        return {**asdict(self), "total": self.total, "total_hf": self.total_hf}
+
+    def to_text(self) -> str:
+        """A table in GB, one line per bucket, headed by the settings it assumes."""
+        s = self.settings
+        checkpointing = "on" if s["grad_checkpointing"] else "off"
+        rank = f" r={s['r']} ({s['targets']})" if s["method"] != "full" else ""
+        lines = [
+            f"memory estimate for {s['model']} ({s['parameters'] / 1e9:.3g}B parameters)",
+            (f"  {s['method']}{rank}, {s['precision']}, {s['optimizer']}, batch {s['batch']} x seq {s['seq']}, "
+             f"gradient checkpointing {checkpointing}, {'masked (packed)' if s['attention_mask'] else 'unmasked'} "
+             "attention"),
+        ]
+        notes = {
+            "weights": "base model" + (", NF4 + double quant" if s["method"] == "qlora" else f", {s['precision']}"),
+            "adapters": "fp32 LoRA A and B" if s["method"] != "full" else "none",
+            "gradients": "of the trained parameters",
+            "optimizer": f"{s['optimizer']} state",
+            "activations": "kept by autograd for the backward pass",
+            "logits": "lorafit's chunked head loss" if s["method"] != "full" else "stock loss, full logits",
+        }
+        for name in BUCKETS:
+            lines.append(f"  {name:<12}{getattr(self, name) / GB:>10.3f} GB   {notes[name]}")
+        lines.append(f"  {'total':<12}{self.total / GB:>10.3f} GB")
+        if s["method"] != "full":
+            lines.append(f"  with the stock transformers loss (full {s['batch'] * s['seq']} x {s['vocab_size']} logits): "
+                         f"{self.total_hf / GB:.3f} GB")
+        return "\n".join(lines)
+
+
+def estimate_memory(
+    shape: ModelShape | str | Path,
+    method: str = "lora",
+    r: int = 16,
+    batch: int = 1,
+    seq: int = 512,
+    grad_checkpointing: bool = False,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    targets: str | list[str] = "all-linear",
+    *,
+    dropout: float = 0.0,
+    attention_mask: bool = True,
+) -> MemoryEstimate:
+    """Estimate the memory of one training step; `shape` is a ModelShape or anything `model_shape` reads.
+
+    precision: dtype of the base weights and activations (QLoRA: the compute dtype). batch: rows per forward
+    pass (the micro-batch); every token is counted as a loss target. attention_mask: lorafit's packed rows
+    (positions restart per example) and padded rows make transformers pass a mask, so SDPA repeats K/V to all
+    heads and keeps a float (batch, seq, seq) mask per layer; False for unpacked rows of equal length.
+    """
+    shape = shape if isinstance(shape, ModelShape) else model_shape(shape)
+    _check_settings(method, r, batch, seq, precision, optimizer, dropout)
+    a = PRECISION_BYTES[precision]
+    full = method == "full"
+    adapted = [set(BLOCK_LINEARS)] * shape.num_layers if full else adapted_linears(shape, targets)
+    trainable = _trainable_tensors(shape, adapted, r, full)
+    tokens = batch * seq
+    weights = sum(_weight_bytes(kind, numel, method, a) for kind, numel in shape.parameter_tensors())
+    activations = activation_bytes(shape, adapted, r=0 if full else r, batch=batch, seq=seq, act_bytes=a,
+                                   full=full, grad_checkpointing=grad_checkpointing, dropout=dropout,
+                                   attention_mask=attention_mask)
+    hf_logits = hf_logits_bytes(shape, tokens, a)
+    settings = {
+        "model": shape.name, "parameters": shape.parameter_count(), "vocab_size": shape.vocab_size, "method": method,
+        "r": r, "batch": batch, "seq": seq, "grad_checkpointing": grad_checkpointing, "precision": precision,
+        "optimizer": optimizer, "targets": targets, "dropout": dropout, "attention_mask": attention_mask,
+        "trainable_parameters": sum(trainable),
+    }
+    return MemoryEstimate(
+        weights=weights,
+        adapters=0 if full else FP32 * sum(trainable),
+        gradients=(a if full else FP32) * sum(trainable),
+        optimizer=sum(optimizer_state_bytes(optimizer, numel) for numel in trainable),
+        activations=activations,
+        logits=hf_logits if full else lorafit_head_bytes(shape, tokens, a),  # the chunked loss needs a frozen head
+        logits_hf=hf_logits,
+        settings=settings,
+    )
+
+
+def adapted_linears(shape: ModelShape, targets: str | list[str]) -> list[set[str]]:
+    """Per block, the linear layers that get an adapter, matched on the transformers module names as lorafit does."""
+    if isinstance(targets, str) and targets in TARGET_SETS:
+        return [set(TARGET_SETS[targets]) for _ in range(shape.num_layers)]
+    chosen = [{n for n in BLOCK_LINEARS if name_matches(_module_name(layer, n), targets)} for layer in range(shape.num_layers)]
+    if not any(chosen):
+        raise ConfigError(
+            f"targets={targets!r} matches no block linear layer (names look like {_module_name(0, 'q_proj')!r}); "
+            f"use 'all-linear', 'attention', 'mlp' or names among {', '.join(BLOCK_LINEARS)}."
+        )
+    return chosen
+
+
+def nf4_bytes(numel: int) -> int:
+    """Storage of one weight in bitsandbytes NF4 with double quantisation (~4.127 bits per weight)."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    return math.ceil(numel / 2) + blocks + FP32 * math.ceil(blocks / NF4_NESTED_BLOCK) + NF4_CONSTANTS
+
+
+def optimizer_state_bytes(optimizer: str, numel: int) -> int:
+    """State of one trained tensor: AdamW two fp32 moments; 8-bit AdamW two uint8 moments plus blockwise fp32 absmax."""
+    if optimizer == "sgd":
+        return 0
+    if optimizer == "adamw-8bit" and numel >= BNB_MIN_8BIT_SIZE:
+        return 2 * (numel + FP32 * math.ceil(numel / BNB_8BIT_BLOCK))
+    return 2 * FP32 * numel
+
+
+def activation_bytes(
+    shape: ModelShape,
+    adapted: list[set[str]],
+    *,
+    r: int,
+    batch: int,
+    seq: int,
+    act_bytes: int,
+    full: bool = False,
+    grad_checkpointing: bool = False,
+    dropout: float = 0.0,
+    attention_mask: bool = True,
+) -> int:
+    """Bytes autograd keeps for the backward pass of the decoder stack (blocks, final norm, rotary cos/sin).
+
+    With checkpointing each block keeps only its input, and one block's activations are rebuilt at a time in
+    the backward pass; without it, every block keeps what `block_activation_bytes` lists.
+    """
+    tokens, a = batch * seq, act_bytes
+    blocks, grad_flows, rope = block_activation_bytes(shape, adapted, r=r, batch=batch, seq=seq, act_bytes=a, full=full,
+                                                      dropout=dropout, attention_mask=attention_mask)
+    final = _norm_bytes(shape, tokens, a, full) if grad_flows else 0
+    final += tokens * 8 if full else 0  # a trained embedding keeps the int64 token ids
+    rope_bytes = 2 * tokens * shape.head_dim * a if rope else 0  # cos and sin, shared by every block
+    if grad_checkpointing:
+        return shape.num_layers * tokens * a * shape.hidden_size + max(blocks) + final + rope_bytes
+    return sum(blocks) + final + rope_bytes
+
+
+def block_activation_bytes(
+    shape: ModelShape,
+    adapted: list[set[str]],
+    *,
+    r: int,
+    batch: int,
+    seq: int,
+    act_bytes: int,
+    full: bool = False,
+    dropout: float = 0.0,
+    attention_mask: bool = True,
+) -> tuple[list[int], bool, bool]:
+    """Per block, the bytes autograd keeps; also whether gradients reach the final norm and the rotary cos/sin.
+
+    Follows transformers' Llama code with SDPA attention and lorafit's LoRA branch: a frozen linear keeps nothing,
+    an adapted one keeps its input x and x·Aᵀ (and a 1-byte dropout mask); RMSNorm keeps its input in fp32 and
+    1/rms; SDPA keeps q, k, v, its output and a per-head fp32 log-sum-exp. Blocks before the first adapter keep
+    nothing that needs gradients.
+    """
+    tokens, a = batch * seq, act_bytes
+    h, i = shape.hidden_size, shape.intermediate_size
+    q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    fan_in = {name: dims[0] for name, dims in shape.linear_shapes().items()}
+    norm = _norm_bytes(shape, tokens, a, full)
+    grad_flows = full  # does the residual stream need gradients yet (full: the embedding is trained)
+    rope = False
+    blocks = []
+    for names in adapted:
+        qkv = names & {"q_proj", "k_proj", "v_proj"}
+        block = norm if grad_flows else 0
+        block += tokens * a * h if qkv else 0  # the normed input shared by q/k/v
+        rope = rope or grad_flows or bool(names & {"q_proj", "k_proj"})
+        if grad_flows or qkv:  # q, k, v (K/V repeated to all heads when a mask rules out grouped-query SDPA), output
+            block += tokens * (a * (2 * q_width + 2 * (q_width if attention_mask else kv_width)) + FP32 * shape.num_heads)
+            block += a * batch * seq * seq if attention_mask else 0  # the boolean mask made additive, per call
+        elif "o_proj" in names:
+            block += tokens * a * q_width  # o_proj's input, which attention did not keep
+        grad_flows = grad_flows or bool(qkv) or "o_proj" in names
+        block += norm if grad_flows else 0
+        block += tokens * a * h if names & {"gate_proj", "up_proj"} else 0  # the normed input shared by gate/up
+        gate = grad_flows or "gate_proj" in names
+        up = grad_flows or "up_proj" in names
+        block += tokens * a * i * (2 * gate + up)  # silu keeps gate's output; the product keeps silu(gate) and up
+        block += tokens * a * i if "down_proj" in names else 0
+        grad_flows = grad_flows or bool(names & {"gate_proj", "up_proj", "down_proj"})
+        if not full:  # the LoRA branch: x·Aᵀ per adapted linear, and a 1-byte keep mask of x under dropout
+            block += tokens * sum(a * r + (fan_in[n] if dropout > 0 else 0) for n in names)
+        blocks.append(block)
+    return blocks, grad_flows, rope
+
+
+def _norm_bytes(shape: ModelShape, tokens: int, act_bytes: int, trained: bool) -> int:
+    """RMSNorm keeps its input in fp32 (a copy when 16-bit) and fp32 1/rms; a trained weight also keeps x/rms."""
+    return tokens * (FP32 * shape.hidden_size + FP32 + (act_bytes * shape.hidden_size if trained else 0))
+
+
+def lorafit_head_bytes(shape: ModelShape, tokens: int, act_bytes: int) -> int:
+    """Peak of lorafit's head loss (every token a target): hidden states, their gathered rows and gradient, and
+    fp32 chunks of logits: the current one, logsumexp's temporary and, from the second chunk on, the previous
+    chunk's probabilities, which stay bound until the loop rebinds them (train/loss.py)."""
+    rows = [min(CHUNK_ROWS, tokens - start) for start in range(0, tokens, CHUNK_ROWS)]
+    alive = max([2 * rows[0]] + [before + 2 * now for before, now in itertools.pairwise(rows)])  # rows of logits held at once
+    return 3 * tokens * shape.hidden_size * act_bytes + alive * shape.vocab_size * FP32
+
+
+def hf_logits_bytes(shape: ModelShape, tokens: int, act_bytes: int) -> int:
+    """Peak of the stock transformers loss: in its backward, three fp32 (tokens x vocab) tensors, the log-softmax
+    kept from the forward and the gradients w.r.t. it and w.r.t. the logits (the forward's logits, and their fp32
+    copy when 16-bit, are freed by then unless the caller keeps the output)."""
+    return tokens * shape.vocab_size * 3 * FP32
+
+
+def _trainable_tensors(shape: ModelShape, adapted: list[set[str]], r: int, full: bool) -> list[int]:
+    """numel of every trained tensor: all parameters (full), else each adapter's A (r x in) and B (out x r)."""
+    if full:
+        return [numel for _, numel in shape.parameter_tensors()]
+    dims = shape.linear_shapes()
+    return [n for names in adapted for name in sorted(names) for n in (r * dims[name][0], dims[name][1] * r)]
+
+
+def _weight_bytes(kind: str, numel: int, method: str, act_bytes: int) -> int:
+    return nf4_bytes(numel) if method == "qlora" and kind == "linear" else numel * act_bytes
+
+
+def _module_name(layer: int, linear: str) -> str:
+    block = "self_attn" if linear in ATTENTION_LINEARS else "mlp"
+    return f"model.layers.{layer}.{block}.{linear}"
+
+
+def _check_settings(method: str, r: int, batch: int, seq: int, precision: str, optimizer: str, dropout: float) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} is unknown: use one of {', '.join(METHODS)}.")
+    if precision not in PRECISION_BYTES:
+        raise ConfigError(f"precision={precision!r} is unknown: use one of {', '.join(PRECISION_BYTES)}.")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer={optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}.")
+    for name, value in (("r", r), ("batch", batch), ("seq", seq)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name}={value!r} is invalid: use a positive integer.")
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"dropout={dropout!r} is invalid: use a number in [0, 1).")
+
+
+def measure_peak_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run fn() and return (its result, the peak of CPU bytes allocated minus freed during the call).
+
+    The CPU counterpart of torch.cuda.max_memory_allocated: it replays the allocation events torch.profiler
+    records. Memory held before the call is not counted, nor are allocations made outside PyTorch's
+    allocator (e.g. oneDNN scratch space).
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return result, peak
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The figures commonly quoted for fine-tuning an 8B Llama, and the assumptions under which the estimator reproduces them.
+
+@dataclass(frozen=True)
+class QuotedFigure:
+    """A memory figure quoted for Llama-3-8B, the settings that reproduce it, and whether it can hold at all."""
+
+    label: str
+    quoted_gb: float
+    settings: dict[str, Any]
+    estimate: MemoryEstimate
+    note: str
+
+    @property
+    def ratio(self) -> float:
+        return self.estimate.total / (self.quoted_gb * GB)
+
+
+QUOTED_8B = (
+    ("LoRA, 16-bit base", 18.0,
+     {"method": "lora", "r": 16, "batch": 1, "seq": 512, "precision": "bf16", "optimizer": "adamw",
+      "grad_checkpointing": True},
+     "bf16 base 16.1 GB + fp32 adapters, gradients and AdamW 0.7 GB; small activations with checkpointing"),
+    ("QLoRA (NF4)", 6.0,
+     {"method": "qlora", "r": 16, "batch": 1, "seq": 256, "precision": "bf16", "optimizer": "adamw-8bit",
+      "grad_checkpointing": True},
+     ("NF4 blocks 3.6 GB + bf16 embeddings and head 2.1 GB: already 5.7 GB, so only short sequences, "
+      "checkpointing and 8-bit AdamW stay near 6 GB")),
+    ("full fine-tuning", 60.0,
+     {"method": "full", "batch": 1, "seq": 1024, "precision": "bf16", "optimizer": "adamw-8bit",
+      "grad_checkpointing": False},
+     ("holds only with 8-bit AdamW (2 B/param): fp32 AdamW moments alone are 8 B x 8.03e9 = 64 GB, and "
+      "pure-bf16 AdamW (2 B weights + 2 B gradients + 4 B moments) is 64 GB too, both above 60 GB")),
+)
+
+
+def quoted_8b_figures() -> list[QuotedFigure]:
+    """Estimates for Llama-3-8B under the settings that reproduce each commonly quoted figure."""
+    return [QuotedFigure(label, quoted, settings, estimate_memory(LLAMA_3_8B, **settings), note)
+            for label, quoted, settings, note in QUOTED_8B]
+
+
+def quoted_8b_text() -> str:
+    """The quoted Llama-3-8B figures beside the estimate and the assumptions, as printable lines."""
+    header = (f"Llama-3-8B ({LLAMA_3_8B.parameter_count() / 1e9:.2f}B parameters): quoted vs estimated "
+              "(GB = 1e9 bytes; a figure read in GiB is 7% larger)")
+    lines = [header]
+    for figure in quoted_8b_figures():
+        s = figure.settings
+        assumed = (f"{s['precision']}, {s['optimizer']}, batch {s['batch']} x seq {s['seq']}, "
+                   f"checkpointing {'on' if s['grad_checkpointing'] else 'off'}" + (f", r={s['r']}" if "r" in s else ""))
+        lines.append(f"  {figure.label:<20} quoted ~{figure.quoted_gb:.0f} GB, estimated {figure.estimate.total / GB:.1f} GB "
+                     f"({assumed})\n    {figure.note}")
+    return "\n".join(lines)
+
+

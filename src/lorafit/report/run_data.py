@@ -1,0 +1,159 @@
+"""Everything the report shows about one run folder, read once; a missing or unreadable piece becomes a note.
+
+A run folder holds config.yaml, metrics.jsonl, summary.json, adapter/ and optionally diagnosis.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorafit.adapters.io import AdapterFileError, read_adapter_config
+from lorafit.report.norms import ModuleNorm, adapter_update_norms
+from lorafit.train.metrics_log import read_metrics
+
+EVAL_KEYS = ("eval_before", "eval_after")
+
+
+@dataclass
+class RunData:
+    """One run as plain data; `notes` maps a section ("metrics", "adapter", ...) to why it is missing."""
+
+    path: Path
+    name: str
+    metrics: list[dict[str, Any]]
+    config_text: str | None = None
+    config: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+    diagnosis: list[dict[str, Any]] | None = None
+    norms: list[ModuleNorm] | None = None
+    use_dora: bool = False
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def load_run(run_dir: str | Path, diagnosis: Any = None) -> RunData:
+    """Read a run folder; `diagnosis` (a list of finding dicts, or {"findings": [...]}) replaces diagnosis.json."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run folder {str(path)!r} does not exist: pass the output_dir of a lorafit run.")
+    run = RunData(path=path, name=path.name, metrics=read_metrics(path / "metrics.jsonl"))
+    if not run.metrics:
+        run.notes["metrics"] = "no metrics.jsonl rows: the run logged no step."
+    _read_config(run)
+    _read_summary(run)
+    _read_diagnosis(run, diagnosis)
+    _read_norms(run)
+    return run
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (bools and NaN are not plottable values)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def series(run: RunData, column: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows where `column` holds a finite number."""
+    points = [(row["step"], row[column]) for row in run.metrics if is_number(row.get(column)) and "step" in row]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def headline(run: RunData) -> dict[str, Any]:
+    """The numbers at the top of the report; a value is None when the run does not have it."""
+    steps, losses = series(run, "loss")
+    eval_steps, eval_losses = series(run, "eval_loss")
+    speeds = series(run, "tokens_per_s")[1]
+    summary = run.summary or {}
+    best = min(range(len(eval_losses)), key=eval_losses.__getitem__) if eval_losses else None
+    final_loss = summary.get("final_loss")
+    train_s = (summary.get("phases_s") or {}).get("train_s")
+    return {
+        "steps": summary.get("steps", steps[-1] if steps else None),
+        "final_loss": final_loss if is_number(final_loss) else (losses[-1] if losses else None),
+        "best_eval_loss": eval_losses[best] if best is not None else None,
+        "best_eval_step": eval_steps[best] if best is not None else None,
+        "tokens_per_s": statistics.median(speeds) if speeds else None,  # the median ignores warm-up steps
+        "train_s": train_s if is_number(train_s) else None,
+        "eval_before": summary.get("eval_before"),
+        "eval_after": summary.get("eval_after"),
+    }
+
+
+def _read_config(run: RunData) -> None:
+    config_file = run.path / "config.yaml"
+    if not config_file.is_file():
+        run.notes["config"] = "no config.yaml in the run folder."
+        return
+    run.config_text = config_file.read_text(encoding="utf-8")
+    try:
+        parsed = yaml.safe_load(run.config_text)
+    except yaml.YAMLError as err:
+        run.notes["config"] = f"config.yaml is not valid YAML ({err}); shown as text."
+        return
+    run.config = parsed if isinstance(parsed, dict) else None
+
+
+def _read_summary(run: RunData) -> None:
+    summary = _read_json(run, "summary.json", "summary")
+    if summary is not None and not isinstance(summary, dict):
+        run.notes["summary"] = "summary.json is not a JSON object."
+        summary = None
+    run.summary = summary
+    if summary is None:
+        run.notes.setdefault("summary", "no summary.json: the run did not finish.")
+        return
+    for key in EVAL_KEYS:
+        evaluation = summary.get(key)
+        if evaluation is not None and not (isinstance(evaluation, dict) and all(
+                is_number(evaluation.get(k)) for k in ("correct", "total", "accuracy"))):
+            summary[key] = None
+            run.notes["evaluation"] = f"summary.json: {key} lacks correct/total/accuracy; left out."
+    if not any(summary.get(key) for key in EVAL_KEYS):
+        run.notes.setdefault("evaluation", "no generation evaluation (needs data.eval and evaluation.generation: true).")
+
+
+def _read_diagnosis(run: RunData, given: Any) -> None:
+    if given is None:
+        if not (run.path / "diagnosis.json").is_file():
+            run.notes["diagnosis"] = "no loss-curve diagnosis for this run."
+            return
+        given = _read_json(run, "diagnosis.json", "diagnosis")
+        if given is None:
+            return  # unreadable: _read_json left a note
+    findings = given.get("findings") if isinstance(given, dict) else given  # {"findings": [...]} or a bare list
+    if isinstance(findings, list) and all(isinstance(f, dict) and "pattern" in f for f in findings):
+        run.diagnosis = list(findings)
+    else:
+        run.notes["diagnosis"] = "the diagnosis is not a list of findings ({pattern, evidence, advice}); left out."
+
+
+def _read_norms(run: RunData) -> None:
+    adapter = run.path / "adapter"
+    if not adapter.is_dir():
+        run.notes["adapter"] = "no adapter folder: the run saved no adapter."
+        return
+    try:
+        run.norms = adapter_update_norms(adapter)
+    except AdapterFileError as err:
+        run.notes["adapter"] = f"adapter not measured: {err}"
+        return
+    run.use_dora = read_adapter_config(adapter).use_dora
+
+
+def _read_json(run: RunData, filename: str, section: str) -> Any:
+    path = run.path / filename
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        run.notes[section] = f"{filename} is not valid JSON ({err})."
+        return None
+
+
+__all__ = ["RunData", "headline", "is_number", "load_run", "series"]
