@@ -40,6 +40,7 @@ from common import (
     peak_rss_bytes,
     reset_cuda_peak,
     run_worker,
+    save_results,
     time_steps,
     use_all_cpus,
 )
@@ -47,7 +48,6 @@ from torch import nn
 
 import lorafit
 from lorafit.device import bf16_worthwhile, default_device
-from lorafit.fileio import write_json_atomic
 from lorafit.train.loss import target_loss_sum
 
 MODEL = "smollm2-135m"
@@ -292,10 +292,7 @@ def main() -> None:
         "ratios": config_ratios,
         "start_losses_agree": loss_ok,
     }
-    out = args.out or (None if args.quick else DEFAULT_OUT[args.method])
-    if out is not None:
-        write_json_atomic(out, results)
-        print(f"\nwrote {out}")
+    save_results(results, args.out or (None if args.quick else DEFAULT_OUT[args.method]))
     if not loss_ok:
         sys.exit(f"start losses differ by more than {START_LOSS_TOLERANCE} between lorafit and PEFT (see the ratio table)")
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from lorafit.fileio import write_json_atomic
+
 GB = 1e9
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -51,6 +53,13 @@ def run_worker(script: str | Path, args: Sequence[str]) -> dict[str, Any]:
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"worker {' '.join(command)} failed with exit status {proc.returncode}; see its stderr above")
     return json.loads(lines[-1])
+
+
+def save_results(results: dict[str, Any], out: Path | None) -> None:
+    """Write a benchmark's results JSON atomically (nothing when out is None, e.g. a --quick smoke run)."""
+    if out is not None:
+        write_json_atomic(out, results)
+        print(f"\nwrote {out}")
 
 
 def emit_worker_result(result: dict[str, Any]) -> None:

@@ -43,12 +43,12 @@ from common import (
     machine_info,
     markdown_table,
     run_worker,
+    save_results,
 )
 
 import lorafit
 from lorafit.diagnose.memory import estimate_memory, measure_peak_bytes
 from lorafit.diagnose.model_shape import model_shape
-from lorafit.fileio import write_json_atomic
 from lorafit.train.batches import MicroBatch
 from lorafit.train.sft import train_step
 
@@ -245,10 +245,7 @@ def main() -> None:
         "max_abs_rss_error": {allocator: max(abs(run["rss_error"]) for run in runs if run["allocator"] == allocator)
                               for allocator in dict.fromkeys(run["allocator"] for run in runs)},
     }
-    out = args.out or (None if args.quick else DEFAULT_OUT)
-    if out is not None:
-        write_json_atomic(out, results)
-        print(f"\nwrote {out}")
+    save_results(results, args.out or (None if args.quick else DEFAULT_OUT))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from common import (
     reset_cuda_peak,
     reset_peak_rss,
     run_worker,
+    save_results,
     time_steps,
     use_all_cpus,
     window_peak_rss_bytes,
@@ -54,7 +55,6 @@ from torch import nn
 
 import lorafit
 from lorafit.device import bf16_worthwhile, default_device
-from lorafit.fileio import write_json_atomic
 from lorafit.models.load import block_linear_names
 from lorafit.models.zoo import model_cache_dir
 from lorafit.quant import Linear4bit, quantize_nf4, state_bits
@@ -242,10 +242,7 @@ def main() -> None:
                      "compute_dtype": str(compute_dtype(default_device()))},
         "runs": runs, "quantize_time": quantize,
     }
-    out = args.out or (None if args.quick else DEFAULT_OUT)
-    if out is not None:
-        write_json_atomic(out, results)
-        print(f"\nwrote {out}")
+    save_results(results, args.out or (None if args.quick else DEFAULT_OUT))
 
 
 if __name__ == "__main__":
