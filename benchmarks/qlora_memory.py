@@ -54,7 +54,7 @@ from common import (
 from torch import nn
 
 import lorafit
-from lorafit.device import bf16_worthwhile, default_device
+from lorafit.device import bf16_worthwhile, default_compute_dtype, default_device
 from lorafit.models.load import block_linear_names
 from lorafit.models.zoo import model_cache_dir
 from lorafit.quant import Linear4bit, quantize_nf4, state_bits
@@ -76,15 +76,10 @@ def default_variants(device: torch.device) -> list[str]:
     return [name for name, (_, base) in VARIANTS.items() if base != "bf16" or bf16_worthwhile(device)]
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """The 4-bit layers' compute dtype: bf16 where it is fast, else fp32 (lorafit's default, used for both libraries)."""
-    return torch.bfloat16 if bf16_worthwhile(device) else torch.float32
-
-
 def load_lorafit(base: str, device: torch.device) -> nn.Module:
     dtype = torch.bfloat16 if base == "bf16" else torch.float32
     model, _ = lorafit.load_model(MODEL, dtype=dtype, device=device, quantize="nf4" if base == "nf4" else None,
-                                  compute_dtype=compute_dtype(device))
+                                  compute_dtype=default_compute_dtype(device))
     return lorafit.attach(model, lorafit.AdapterConfig(r=RANK, alpha=ALPHA, target_modules="all-linear"))
 
 
@@ -99,7 +94,7 @@ def load_peft(base: str, device: torch.device) -> nn.Module:
     lorafit.load_model(MODEL)  # makes sure the cached float checkpoint exists
     if base == "nf4":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=compute_dtype(device))
+                                   bnb_4bit_compute_dtype=default_compute_dtype(device))
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map={"": str(device)})
     else:
         dtype = torch.bfloat16 if base == "bf16" else torch.float32
@@ -239,7 +234,7 @@ def main() -> None:
         "load_average_after": load_average(), "wall_s": time.perf_counter() - start,
         "settings": {"batch_size": BATCH_SIZE, "seq_len": SEQ_LEN, "lr": LR, "r": RANK, "alpha": ALPHA,
                      "warmup": args.warmup, "steps": args.steps, "variants": args.variants,
-                     "compute_dtype": str(compute_dtype(default_device()))},
+                     "compute_dtype": str(default_compute_dtype(default_device()))},
         "runs": runs, "quantize_time": quantize,
     }
     save_results(results, args.out or (None if args.quick else DEFAULT_OUT))

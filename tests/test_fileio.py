@@ -24,10 +24,9 @@ def test_error_inside_the_block_keeps_the_old_result(tmp_path):
     target = tmp_path / "out"
     with atomic_directory(target) as tmp:
         (tmp / "a.txt").write_text("one")
-    with pytest.raises(RuntimeError):
-        with atomic_directory(target) as tmp:
-            (tmp / "half.txt").write_text("partial")
-            raise RuntimeError("crash while writing")
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "half.txt").write_text("partial")
+        raise RuntimeError("crash while writing")
     assert [p.name for p in target.iterdir()] == ["a.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -44,9 +43,8 @@ def test_failed_final_rename_puts_the_old_result_back(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(fileio.os, "replace", failing_replace)
-    with pytest.raises(OSError):
-        with atomic_directory(target) as tmp:
-            (tmp / "b.txt").write_text("two")
+    with pytest.raises(OSError), atomic_directory(target) as tmp:
+        (tmp / "b.txt").write_text("two")
     assert (target / "a.txt").read_text() == "one"
 
 

@@ -61,17 +61,115 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="adapter folder")
     merge.add_argument("--out", required=True, help="output folder")
     merge.set_defaults(handler=_merge)
+
+    check = commands.add_parser("check", help="check a run file and audit its data before training",
+                                description="Config checks (effective scale, rsLoRA, lr x scale, targets, 4-bit "
+                                            "without LoftQ) and a dataset audit (lengths, truncation, duplicates, "
+                                            "tiny replies, train/eval overlap); no weights are loaded.")
+    check.add_argument("config", help="the run's YAML file")
+    check.add_argument("overrides", nargs="*", help="overrides such as adapter.r=64")
+    check.add_argument("--previous", help="a previous run folder whose diagnosis informs the advice")
+    check.set_defaults(handler=_check)
+
+    diagnose = commands.add_parser("diagnose", help="diagnose a run's loss curves",
+                                   description="Read RUN_DIR/metrics.jsonl (and config.yaml when present) and report "
+                                               "early_plateau, sluggish_descent, divergent_validation, "
+                                               "quantization_plateau, loss_spike, nan or healthy, with evidence and advice.")
+    diagnose.add_argument("run_dir")
+    diagnose.add_argument("--baseline", help="another run to compare with (e.g. lower rank, or 16-bit for a 4-bit run)")
+    diagnose.add_argument("--json", action="store_true", help="print JSON: {\"findings\": [...]}")
+    diagnose.set_defaults(handler=_diagnose)
+
+    report = commands.add_parser("report", help="(re)build a run's report.html, optionally overlaying other runs",
+                                 description="Write RUN_DIR/report.html (self-contained, plots embedded) and the PNGs "
+                                             "in RUN_DIR/report/: curves, adapter update norms per layer, config, "
+                                             "diagnosis, before/after evaluation.")
+    report.add_argument("run_dir")
+    report.add_argument("--compare", nargs="+", default=[], metavar="RUN", help="runs to overlay")
+    report.set_defaults(handler=_report)
+
+    recommend = commands.add_parser("recommend", help="print a starting adapter + training config with reasons",
+                                    description="A ready-to-run YAML adapter and training section for a model, data "
+                                                "size and domain shift, each choice with its reason.")
+    recommend.add_argument("--model", required=True, help="short name, folder/config.json or .gguf file")
+    recommend.add_argument("--examples", type=int, required=True, help="number of training examples")
+    recommend.add_argument("--shift", choices=("narrow", "moderate", "strong"), default="moderate",
+                           help="how far the task is from what the model already does")
+    recommend.add_argument("--memory-gb", type=float, help="memory budget; switches to a 4-bit base when 16-bit does not fit")
+    recommend.set_defaults(handler=_recommend)
+
+    memory = commands.add_parser("estimate-memory", help="estimate training memory from a model's config alone",
+                                 description="Weights, adapters, gradients, optimizer state, activations and logits "
+                                             "of a training step, from config.json or a GGUF header (no weights loaded).")
+    memory.add_argument("--model", required=True, help="short name, folder/config.json or .gguf file")
+    memory.add_argument("--method", choices=("full", "lora", "qlora"), default="lora")
+    memory.add_argument("--r", type=int, default=16)
+    memory.add_argument("--batch", type=int, default=1)
+    memory.add_argument("--seq", type=int, default=512)
+    memory.add_argument("--grad-checkpointing", action="store_true")
+    memory.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    memory.add_argument("--optimizer", choices=("adamw", "adamw-8bit", "sgd"), default="adamw")
+    memory.set_defaults(handler=_estimate_memory)
     return parser
 
 
 def _train(args: argparse.Namespace) -> int:
     from lorafit.run_config import load_run_config
-    from lorafit.train.sft import train
+    from lorafit.train import grpo, sft
 
     config = load_run_config(args.config, args.overrides)
-    result = train(config, resume=args.resume)
+    trainer = grpo if config.method == "grpo" else sft
+    result = trainer.train(config, resume=args.resume)
     phases = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in result.phases.items())
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}; {phases}; results in {result.output_dir}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from lorafit.diagnose.checks import check_run_config, format_checks
+    from lorafit.diagnose.curves import diagnose_run
+    from lorafit.diagnose.dataset_audit import audit_dataset
+    from lorafit.models import load_tokenizer
+    from lorafit.run_config import load_run_config
+
+    config = load_run_config(args.config, args.overrides)
+    previous = diagnose_run(args.previous).to_json()["findings"] if args.previous else None
+    print(format_checks(check_run_config(config, previous)))
+    print(audit_dataset(config, load_tokenizer(config.model)).to_text())
+    return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from lorafit.diagnose.curves import diagnose_report
+
+    text, as_json = diagnose_report(args.run_dir, args.baseline)
+    print(as_json if args.json else text)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lorafit.diagnose.curves import diagnose_run
+    from lorafit.report import write_report
+
+    path = write_report(args.run_dir, compare=args.compare, diagnosis=diagnose_run(args.run_dir).to_json())
+    print(f"wrote {path}")
+    return 0
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from lorafit.diagnose.recommend import recommend
+
+    print(recommend(args.model, args.examples, shift=args.shift, memory_gb=args.memory_gb).to_yaml())
+    return 0
+
+
+def _estimate_memory(args: argparse.Namespace) -> int:
+    from lorafit.diagnose.memory import estimate_memory
+
+    estimate = estimate_memory(args.model, method=args.method, r=args.r, batch=args.batch, seq=args.seq,
+                               grad_checkpointing=args.grad_checkpointing, precision=args.precision,
+                               optimizer=args.optimizer)
+    print(estimate.to_text())
     return 0
 
 
@@ -81,8 +179,8 @@ def _generate(args: argparse.Namespace) -> int:
     from lorafit.fileio import write_text_atomic
 
     model, tokenizer = _load(args.model, args.adapter)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   batch_size=args.batch_size)
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+               "batch_size": args.batch_size}
     if args.prompt is not None:
         print(generate_responses(model, tokenizer, [[{"role": "user", "content": args.prompt}]], **options)[0])
         return 0

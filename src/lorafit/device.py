@@ -17,3 +17,8 @@ def bf16_worthwhile(device: torch.device) -> bool:
     run 6-70x slower than fp32 (measured: 828x1536 @ 1536x576 took 701 ms vs 9.4 ms), so "auto" keeps fp32.
     """
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def default_compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype 4-bit layers compute in: bf16 where bf16 is fast (CUDA), else fp32."""
+    return torch.bfloat16 if bf16_worthwhile(device) else torch.float32

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -16,6 +17,8 @@ from lorafit.config import AdapterConfig, ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
 METRICS = ("json", "exact")
+METHODS = ("sft", "grpo")
+QUANTIZE = (None, "nf4")
 
 
 @dataclass
@@ -63,16 +66,50 @@ class EvaluationConfig:
 
 
 @dataclass
+class RewardSpec:
+    """One GRPO reward function, `file.py:function` or `package.module:function`, and its weight in the sum."""
+
+    function: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO sampling and objective; training.batch_size counts prompts, each sampled num_generations times."""
+
+    num_generations: int = 4  # completions per prompt: the group whose mean reward is the baseline
+    max_new_tokens: int = 64
+    temperature: float = 0.9
+    top_p: float = 1.0
+    beta: float = 0.04  # weight of the k3 KL to the starting policy (base with adapter off, or init_adapter); 0 = none
+    epsilon: float = 0.2  # PPO clip range of the ratio to the sampling policy
+    scale_rewards: bool = True  # divide advantages by the group's std (else mean-centering only)
+    num_iterations: int = 1  # optimiser steps on each batch of samples (>1 makes the clipping bite)
+
+
+@dataclass
 class RunConfig:
     """A whole run: base model, adapter, data, training, evaluation and where results go."""
 
     model: str = ""
     dtype: str = "float32"
     output_dir: str = "runs/run"
+    quantize: str | None = None  # "nf4": the base's block linears held in 4-bit NF4 (QLoRA); None = dtype
+    double_quant: bool = True  # with quantize: NF4 block scales quantised to 8 bits (4.127 instead of 4.5 bits/weight)
+    method: str = "sft"
+    init_adapter: str | None = None  # start from a saved adapter folder (its own config replaces `adapter`)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    rewards: list[RewardSpec] = field(default_factory=list)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rewards, list):
+            raise ConfigError(f"rewards={self.rewards!r} must be a list of 'file.py:function' entries "
+                              "or {function: ..., weight: ...} mappings.")
+        self.rewards = [_reward_spec(item, f"rewards[{i}]") for i, item in enumerate(self.rewards)]
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -93,8 +130,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         validate(config)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
-    config.data = _resolve_data_paths(config.data, path.parent)
-    return config
+    return _resolve_paths(config, path.parent)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -156,6 +192,43 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("training.epochs must be positive (or set training.max_steps).")
     if config.evaluation.metric not in METRICS:
         raise ConfigError(f"evaluation.metric={config.evaluation.metric!r}: use one of {', '.join(METRICS)}.")
+    if config.init_adapter and config.adapter != AdapterConfig():
+        raise ConfigError("set either adapter (a fresh adapter) or init_adapter (a saved one, whose own "
+                          "adapter_config.json applies), not both.")
+    if config.quantize not in QUANTIZE:
+        raise ConfigError(f"quantize={config.quantize!r}: use one of {', '.join(map(str, QUANTIZE))} "
+                          "(nf4 = 4-bit NormalFloat with double-quantised scales, as QLoRA).")
+    if config.adapter.init == "loftq" and config.quantize is None:
+        raise ConfigError("adapter.init=loftq initialises adapters for a 4-bit base: also set quantize: nf4.")
+    if config.adapter.is_pissa and config.quantize is not None:
+        raise ConfigError(f"adapter.init={config.adapter.init} needs a 16/32-bit base (its residual cannot be "
+                          "re-quantised exactly): remove quantize, or use adapter.init=loftq for a 4-bit base.")
+    if config.method not in METHODS:
+        raise ConfigError(f"method={config.method!r}: use one of {', '.join(METHODS)}.")
+    if config.method == "grpo":
+        _validate_grpo(config)
+    elif config.rewards or config.grpo != GRPOConfig():
+        raise ConfigError("rewards and the grpo section apply to method: grpo only; set method: grpo or remove them.")
+
+
+def _validate_grpo(config: RunConfig) -> None:
+    g = config.grpo
+    if not config.rewards:
+        raise ConfigError("method grpo needs rewards: a list such as [my_rewards.py:correct, my_rewards.py:format].")
+    if g.num_generations < 2:
+        raise ConfigError(f"grpo.num_generations={g.num_generations} must be at least 2: advantages compare "
+                          "completions of the same prompt.")
+    positive = {"grpo.max_new_tokens": g.max_new_tokens, "grpo.temperature": g.temperature,
+                "grpo.epsilon": g.epsilon, "grpo.num_iterations": g.num_iterations}
+    for name, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{name}={value!r} must be positive.")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"grpo.top_p={g.top_p!r} must lie in (0, 1]; 1 keeps the whole distribution.")
+    if not 0 <= g.beta < float("inf"):
+        raise ConfigError(f"grpo.beta={g.beta!r} must be >= 0 (0 = no KL term, no reference model).")
+    if not g.epsilon < 1:
+        raise ConfigError(f"grpo.epsilon={g.epsilon!r} must be below 1 (the ratio is clipped to [1-eps, 1+eps]).")
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
@@ -163,8 +236,9 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def _resolve_data_paths(data: DataConfig, base: Path) -> DataConfig:
-    """Relative data paths are taken from the working folder if they exist there, else beside the YAML file."""
+def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
+    """Relative paths (data, reward files, init_adapter) are taken from the working folder if they exist there,
+    else beside the YAML file."""
 
     def resolve(p: str | None) -> str | None:
         if p is None or Path(p).is_absolute() or Path(p).exists():
@@ -172,7 +246,33 @@ def _resolve_data_paths(data: DataConfig, base: Path) -> DataConfig:
         candidate = base / p
         return str(candidate) if candidate.exists() else p
 
-    return dataclasses.replace(data, train=resolve(data.train), eval=resolve(data.eval))
+    def resolve_reward(spec: RewardSpec) -> RewardSpec:
+        target, _, name = spec.function.rpartition(":")
+        if not target.endswith(".py"):
+            return spec  # package.module:function is found on the import path
+        return dataclasses.replace(spec, function=f"{resolve(target)}:{name}")
+
+    data = dataclasses.replace(config.data, train=resolve(config.data.train), eval=resolve(config.data.eval))
+    return dataclasses.replace(config, data=data, init_adapter=resolve(config.init_adapter),
+                               rewards=[resolve_reward(r) for r in config.rewards])
+
+
+def _reward_spec(item: Any, where: str) -> RewardSpec:
+    """A reward entry as written in YAML ('path:function' or a mapping) becomes a checked RewardSpec."""
+    if isinstance(item, str):
+        item = RewardSpec(function=item)
+    elif isinstance(item, dict):
+        item = build(RewardSpec, item, where)
+    elif not isinstance(item, RewardSpec):
+        raise ConfigError(f"{where}={item!r} must be 'file.py:function', 'package.module:function' "
+                          "or {function: ..., weight: ...}.")
+    target, sep, name = item.function.rpartition(":")
+    if not (sep and target and name.isidentifier()):
+        raise ConfigError(f"{where}={item.function!r} must look like 'file.py:function' or "
+                          "'package.module:function'.")
+    if not math.isfinite(item.weight):
+        raise ConfigError(f"{where}.weight={item.weight!r} must be a finite number.")
+    return item
 
 
 def _field_type(cls: type, name: str) -> Any:

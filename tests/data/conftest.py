@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from tiny_models import SMOLLM2_TEMPLATE, tiny_backend_tokenizer, tiny_chat_tokenizer

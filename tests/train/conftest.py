@@ -29,9 +29,8 @@ def tiny_run(tmp_path_factory):
     tokenizer.save_pretrained(root / "model")
     for name, rows in (("train", ROWS), ("eval", ROWS[:4])):
         with open(root / f"{name}.jsonl", "w") as handle:
-            for user, reply in rows:
-                handle.write(json.dumps({"messages": [{"role": "user", "content": user},
-                                                      {"role": "assistant", "content": reply}]}) + "\n")
+            handle.writelines(json.dumps({"messages": [{"role": "user", "content": user},
+                                                      {"role": "assistant", "content": reply}]}) + "\n" for user, reply in rows)
     (root / "run.yaml").write_text(f"""
 model: {root / 'model'}
 output_dir: {root / 'out'}

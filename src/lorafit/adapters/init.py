@@ -15,7 +15,7 @@ from torch import nn
 from lorafit.adapters.branch import dense_weight
 from lorafit.adapters.lora import LoraLinear
 from lorafit.config import AdapterConfig, ConfigError
-from lorafit.device import bf16_worthwhile
+from lorafit.device import default_compute_dtype
 from lorafit.quant.linear4bit import Linear4bit
 from lorafit.quant.loftq import loftq_quantized
 
@@ -89,7 +89,7 @@ def loftq_init(layer: LoraLinear, iterations: int = 1, double_quant: bool = True
             "init='default' on an already 4-bit model."
         )
     if compute_dtype is None:
-        compute_dtype = torch.bfloat16 if bf16_worthwhile(base.weight.device) else torch.float32
+        compute_dtype = default_compute_dtype(base.weight.device)
     with torch.no_grad():
         q, lora_a, lora_b = loftq_quantized(base.weight, layer.r, iterations, scaling=layer.scaling,
                                             double_quant=double_quant)

@@ -21,7 +21,7 @@ from transformers import (
 
 from lorafit.adapters.lora import LoraLinear
 from lorafit.config import LorafitWarning
-from lorafit.device import bf16_worthwhile, default_device
+from lorafit.device import default_compute_dtype, default_device
 from lorafit.fileio import atomic_directory
 from lorafit.models.zoo import KNOWN_MODELS, fetch_gguf, model_cache_dir
 from lorafit.quant import Linear4bit, QuantizationError, check_scheme, quantize_nf4
@@ -68,7 +68,7 @@ def load_model(
         folder, gguf_file = Path(name_or_path), None
     source = str(folder) if gguf_file or folder.exists() else str(name_or_path)
     if compute_dtype is None:
-        compute_dtype = torch.bfloat16 if bf16_worthwhile(device) else torch.float32
+        compute_dtype = default_compute_dtype(device)
     shards = _safetensors_shards(folder) if quantize and not gguf_file and folder.is_dir() else {}
     model = _load_nf4_streamed(source, shards, dtype, device, double_quant, compute_dtype) if shards else None
     if model is not None:

@@ -12,23 +12,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from lorafit.adapters.io import save_adapter
-from lorafit.adapters.model import attach, parameter_report
 from lorafit.data import Example
-from lorafit.device import bf16_worthwhile
+from lorafit.diagnose.curves import CurveMonitor
 from lorafit.evaluation.generate import generate_responses
 from lorafit.evaluation.metrics import score
-from lorafit.fileio import write_json_atomic, write_text_atomic
-from lorafit.models import load_model
 from lorafit.run_config import EvaluationConfig, RunConfig, to_dict
+from lorafit.train import loop
 from lorafit.train.batches import (
     Dataset,
     MicroBatch,
@@ -37,47 +31,16 @@ from lorafit.train.batches import (
     step_micro_batches,
     steps_per_epoch,
 )
-from lorafit.train.checkpoint import (
-    TrainerState,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
+from lorafit.train.loop import RunResult, TrainingDiverged
 from lorafit.train.loss import target_loss_sum
-from lorafit.train.metrics_log import MetricsLog
-from lorafit.train.schedule import make_scheduler
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclass
-class RunResult:
-    """What a run produced: where, how long each phase took, and the before/after evaluation."""
-
-    output_dir: Path
-    steps: int
-    phases: dict[str, float] = field(default_factory=dict)
-    final_loss: float | None = None
-    eval_before: dict[str, Any] | None = None
-    eval_after: dict[str, Any] | None = None
 
 
 def train(config: RunConfig, *, resume: bool = False) -> RunResult:
     """Run supervised fine-tuning as `config` says; the adapter lands in OUTPUT/adapter (PEFT format)."""
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
-    result = RunResult(output_dir=out, steps=0)
+    result = loop.begin_run(config)
+    out = result.output_dir
     t = config.training
-    torch.manual_seed(t.seed)
-
-    clock = time.perf_counter()
-    model, tokenizer = load_model(config.model, dtype=DTYPES[config.dtype])
-    result.phases["load_model_s"] = time.perf_counter() - clock
+    model, tokenizer = loop.load_base_model(config, result)
 
     clock = time.perf_counter()
     data = config.data
@@ -88,12 +51,9 @@ def train(config: RunConfig, *, resume: bool = False) -> RunResult:
     _print_data_summary("train", train_set)
     result.phases["prepare_data_s"] = time.perf_counter() - clock
 
-    attach(model, config.adapter)
-    print(parameter_report(model))
+    loop.attach_adapter(model, config)
     device = model.device
-    use_bf16 = t.bf16 is True or (t.bf16 == "auto" and bf16_worthwhile(device))
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    use_bf16 = loop.use_bf16(t, device)
 
     gen_eval = config.evaluation.generation and data.eval is not None
     if gen_eval and not resume:
@@ -105,63 +65,46 @@ def train(config: RunConfig, *, resume: bool = False) -> RunResult:
     micro = t.micro_batch_size or t.batch_size
     per_epoch = steps_per_epoch(len(train_set.rows), t.batch_size)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = make_scheduler(optimizer, total_steps, t.warmup_steps, t.schedule)
-    state = TrainerState()
-    log = MetricsLog(out / "metrics.jsonl")
-    if resume and (checkpoints := list_checkpoints(out)):
-        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
-        log.truncate_after(state.step)
-        print(f"resumed from {checkpoints[-1]} at step {state.step}")
-    else:
-        log.truncate_after(0)
+    opt = loop.make_optimisation(model, t, total_steps)
+    state, log = loop.start_or_resume(out, model, opt, resume)
 
     clock = time.perf_counter()
     model.train()
     pad = tokenizer.pad_token_id
     eval_batches = fixed_batches(eval_set.rows, micro, pad) if eval_set else []  # collated once, reused each eval
-    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True)
-    while state.step < total_steps:
-        step_start = time.perf_counter()
-        batches = step_micro_batches(train_set.rows, state.step, batch_size=t.batch_size, micro_batch_size=micro,
-                                     seed=t.seed, pad_token_id=pad)
-        loss, tokens = train_step(model, batches, device, use_bf16)
-        if not math.isfinite(loss):
-            bar.close()
-            raise TrainingDiverged(f"loss is {loss} at step {state.step + 1}; the last checkpoint is kept. "
-                                   "Lower training.lr or set training.max_grad_norm.")
-        grad_norm = _clip(params, t.max_grad_norm)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        state.step += 1
-        state.tokens_seen += tokens
-        speed = tokens / (time.perf_counter() - step_start)
-        row = {"step": state.step, "epoch": round(state.step / per_epoch, 4), "loss": loss, "lr": lr,
-               "grad_norm": grad_norm, "tokens_per_s": round(speed, 1), "tokens_seen": state.tokens_seen}
-        if eval_batches and config.evaluation.every and (state.step % config.evaluation.every == 0 or state.step == total_steps):
-            row["eval_loss"] = eval_loss(model, eval_batches, device, use_bf16)
-        if state.step % t.log_every == 0 or "eval_loss" in row or state.step == total_steps:
-            log.append(row)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}", refresh=False)
-        bar.update(1)
-        if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
-            save_checkpoint(out, model, optimizer, scheduler, state, t.keep_checkpoints)
-        result.final_loss = loss
-    bar.close()
+    monitor = CurveMonitor(to_dict(config))  # warns live the first time a loss-curve pattern shows
+    with tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True) as bar:
+        while state.step < total_steps:
+            step_start = time.perf_counter()
+            batches = step_micro_batches(train_set.rows, state.step, batch_size=t.batch_size, micro_batch_size=micro,
+                                         seed=t.seed, pad_token_id=pad)
+            loss, tokens = train_step(model, batches, device, use_bf16)
+            loop.check_finite(loss, state.step + 1)
+            grad_norm, lr = opt.step(t.max_grad_norm)
+            state.step += 1
+            state.tokens_seen += tokens
+            speed = tokens / (time.perf_counter() - step_start)
+            row = {"step": state.step, "epoch": round(state.step / per_epoch, 4), "loss": loss, "lr": lr,
+                   "grad_norm": grad_norm, "tokens_per_s": round(speed, 1), "tokens_seen": state.tokens_seen}
+            if eval_batches and config.evaluation.every and (state.step % config.evaluation.every == 0
+                                                             or state.step == total_steps):
+                row["eval_loss"] = eval_loss(model, eval_batches, device, use_bf16)
+            loop.end_step(row, out=out, log=log, model=model, opt=opt, state=state, t=t, total_steps=total_steps,
+                          force_log="eval_loss" in row, monitor=monitor)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}", refresh=False)
+            bar.update(1)
+            result.final_loss = loss
     result.phases["train_s"] = time.perf_counter() - clock
     result.steps = state.step
 
-    save_adapter(model, out / "adapter", base_model_name_or_path=config.model)
-    print(f"adapter saved to {out / 'adapter'}")
+    loop.save_final_adapter(model, config, result)
     if gen_eval:
         clock = time.perf_counter()
         result.eval_after = generation_eval(model, tokenizer, eval_set.examples, config.evaluation)
         result.phases["eval_after_s"] = time.perf_counter() - clock
         print(_side_by_side(result.eval_before, result.eval_after))
-    write_json_atomic(out / "summary.json", _summary(result))
+    loop.write_summary(result)
+    loop.write_report_files(out, diagnose=True)
     return result
 
 
@@ -205,11 +148,6 @@ def generation_eval(model: Any, tokenizer: Any, examples: list[Example], evaluat
     return result
 
 
-def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-    return float(norm)
-
-
 def _print_data_summary(name: str, dataset: Dataset) -> None:
     s = dataset.stats
     note = f", {s.truncated} truncated to max_seq_len" if s.truncated else ""
@@ -229,11 +167,6 @@ def _side_by_side(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
     for sample in after["samples"]:
         lines.append(f"  {sample['prompt']!r} -> {sample['reply']!r}")
     return "\n".join(lines)
-
-
-def _summary(result: RunResult) -> dict[str, Any]:
-    return {"steps": result.steps, "final_loss": result.final_loss, "phases_s": result.phases,
-            "eval_before": result.eval_before, "eval_after": result.eval_after}
 
 
 __all__ = ["RunResult", "TrainingDiverged", "eval_loss", "generation_eval", "train", "train_step"]
