@@ -78,3 +78,19 @@ def test_data_paths_resolve_beside_the_yaml(tmp_path, monkeypatch):
     (tmp_path / "train.jsonl").write_text("{}")
     monkeypatch.chdir("/")
     assert load_run_config(write(tmp_path)).data.train == str(tmp_path / "train.jsonl")
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["adapter.init=loftq"], "also set quantize: nf4"),
+    (["adapter.init=loftq", "quantize=nf4", "double_quant=false"], "set double_quant: true"),
+    (["adapter.init=pissa", "quantize=nf4"], "needs a 16/32-bit base"),
+    (["quantize=int4"], "quantize='int4'"),
+])
+def test_init_must_fit_the_base(tmp_path, overrides, needle):
+    from lorafit.config import ConfigError
+    from lorafit.run_config import load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndata: {train: t.jsonl}\n")
+    with pytest.raises(ConfigError, match=needle):
+        load_run_config(path, overrides)

@@ -148,10 +148,15 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    import yaml
+
     from lorafit.diagnose.curves import diagnose_run
     from lorafit.report import write_report
 
-    path = write_report(args.run_dir, compare=args.compare, diagnosis=diagnose_run(args.run_dir).to_json())
+    config_file = Path(args.run_dir) / "config.yaml"
+    method = (yaml.safe_load(config_file.read_text()) or {}).get("method") if config_file.is_file() else None
+    diagnosis = None if method == "grpo" else diagnose_run(args.run_dir).to_json()  # GRPO's loss is no learning curve
+    path = write_report(args.run_dir, compare=args.compare, diagnosis=diagnosis)
     print(f"wrote {path}")
     return 0
 

@@ -198,17 +198,25 @@ def validate(config: RunConfig) -> None:
     if config.quantize not in QUANTIZE:
         raise ConfigError(f"quantize={config.quantize!r}: use one of {', '.join(map(str, QUANTIZE))} "
                           "(nf4 = 4-bit NormalFloat with double-quantised scales, as QLoRA).")
-    if config.adapter.init == "loftq" and config.quantize is None:
-        raise ConfigError("adapter.init=loftq initialises adapters for a 4-bit base: also set quantize: nf4.")
-    if config.adapter.is_pissa and config.quantize is not None:
-        raise ConfigError(f"adapter.init={config.adapter.init} needs a 16/32-bit base (its residual cannot be "
-                          "re-quantised exactly): remove quantize, or use adapter.init=loftq for a 4-bit base.")
+    check_init_fits_base(config, config.adapter, "adapter.init")
     if config.method not in METHODS:
         raise ConfigError(f"method={config.method!r}: use one of {', '.join(METHODS)}.")
     if config.method == "grpo":
         _validate_grpo(config)
     elif config.rewards or config.grpo != GRPOConfig():
         raise ConfigError("rewards and the grpo section apply to method: grpo only; set method: grpo or remove them.")
+
+
+def check_init_fits_base(config: RunConfig, adapter: AdapterConfig, where: str) -> None:
+    """LoftQ needs quantize: nf4 (with double quantisation, the format it quantises to); PiSSA needs a float base."""
+    if adapter.init == "loftq" and config.quantize is None:
+        raise ConfigError(f"{where}=loftq initialises adapters for a 4-bit base: also set quantize: nf4.")
+    if adapter.init == "loftq" and not config.double_quant:
+        raise ConfigError(f"{where}=loftq quantises the adapted layers with double quantisation (4.127 bits per "
+                          "weight): set double_quant: true, or use another init.")
+    if adapter.is_pissa and config.quantize is not None:
+        raise ConfigError(f"{where}={adapter.init} needs a 16/32-bit base (its residual cannot be re-quantised "
+                          "exactly): remove quantize, or use loftq for a 4-bit base.")
 
 
 def _validate_grpo(config: RunConfig) -> None:

@@ -166,3 +166,14 @@ def test_prompt_rows_are_checked(grpo_run, tmp_path):
         run(grpo_run, f"output_dir={tmp_path / 'o1'}", f"data.train={bad}")
     with pytest.raises(grpo.DataError, match=r"train.jsonl:1: the prompt has \d+ tokens, more than"):
         run(grpo_run, f"output_dir={tmp_path / 'o2'}", "data.max_seq_len=8")
+
+
+def test_a_loftq_adapter_is_its_own_reference(grpo_run, capsys):
+    """LoftQ starts at Q + s·B0 A0, not at the bare 4-bit Q: the KL of step 1 is 0, and `lorafit report` on a GRPO run
+    adds no loss-curve diagnosis."""
+    out = grpo_run / "out_loftq"
+    run(grpo_run, f"output_dir={out}", "quantize=nf4", "adapter.init=loftq", "training.max_steps=2",
+        "training.save_every=0", "evaluation.every=0", "grpo.beta=0.5", "grpo.num_iterations=1")
+    assert read_metrics(out / "metrics.jsonl")[0]["kl"] < 1e-6
+    assert main(["report", str(out)]) == 0
+    assert "no loss-curve diagnosis for this run" in (out / "report.html").read_text()

@@ -88,7 +88,8 @@ def train(config: RunConfig, *, resume: bool = False) -> RunResult:
     loop.attach_adapter(model, config)
     # The reference policy is where training starts: the base (adapter off) for a fresh adapter, else a copy of
     # the trainable weights (a saved adapter, or trained biases, which switching the adapter off would not undo).
-    fresh = not config.init_adapter and config.adapter.bias == "none"
+    # LoftQ starts at Q + s·B0 A0 (B0 != 0): switching its adapter off would give the bare 4-bit Q instead.
+    fresh = not config.init_adapter and config.adapter.bias == "none" and config.adapter.init != "loftq"
     start = None if fresh else start_weights(model)
     use_bf16 = loop.use_bf16(t, model.device)
 
@@ -272,7 +273,8 @@ def reference_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: 
                        start: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Target-token log-probs under the reference policy: the policy that training started from.
 
-    A fresh adapter starts as the base model, so the reference is the model with its adapter switched off
+    A fresh adapter (B = 0, or PiSSA, whose layers add the initial factors back when switched off) starts as the
+    base model, so the reference is the model with its adapter switched off
     (no copy of any weight). A run from a saved adapter passes that adapter's starting weights (`start`,
     from start_weights) and they are swapped in for this pass, as TRL does with its frozen "ref" adapter:
     measured against the base, the KL term would pull the policy back out of what the saved adapter taught.

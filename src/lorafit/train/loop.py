@@ -26,7 +26,7 @@ from lorafit.diagnose.curves import CurveMonitor, diagnose_run
 from lorafit.fileio import write_json_atomic, write_text_atomic
 from lorafit.models import block_linear_names, load_model, quantize_block_linears
 from lorafit.report import write_report
-from lorafit.run_config import RunConfig, TrainingConfig, to_dict
+from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, to_dict
 from lorafit.train.checkpoint import (
     TrainerState,
     list_checkpoints,
@@ -95,7 +95,13 @@ def attach_adapter(model: nn.Module, config: RunConfig) -> None:
 
 
 def _adapter_init(config: RunConfig) -> str:
-    return read_adapter_config(config.init_adapter).init if config.init_adapter else config.adapter.init
+    """The init of the adapter the run starts from; a saved init_adapter is checked against quantize here,
+    before any weight loads (validation cannot: the folder is only read now)."""
+    if not config.init_adapter:
+        return config.adapter.init
+    adapter = read_adapter_config(config.init_adapter)
+    check_init_fits_base(config, adapter, f"the init of init_adapter {config.init_adapter}")
+    return adapter.init
 
 
 def use_bf16(t: TrainingConfig, device: torch.device) -> bool:
