@@ -39,7 +39,7 @@ from lorafit.data.chat import build_prompt_ids
 from lorafit.evaluation.generate import generate_ids
 from lorafit.run_config import GRPOConfig, RunConfig
 from lorafit.train import loop
-from lorafit.train.batches import steps_per_epoch
+from lorafit.train.batches import step_rows, steps_per_epoch
 from lorafit.train.loop import RunResult
 from lorafit.train.loss import IGNORE, has_plain_head
 from lorafit.train.rewards import (
@@ -190,10 +190,8 @@ def read_prompts(path: str, tokenizer: Any, max_tokens: int) -> list[Prompt]:
 
 
 def step_prompts(prompts: list[Prompt], step: int, batch_size: int, seed: int) -> list[Prompt]:
-    """The prompts of step `step`: epoch e shuffles with seed+e (the rule of batches.step_micro_batches)."""
-    epoch, index = divmod(step, steps_per_epoch(len(prompts), batch_size))
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return [prompts[i] for i in order[index * batch_size:(index + 1) * batch_size]]
+    """The prompts of step `step`, chosen by the same rule as SFT's rows (batches.step_rows)."""
+    return step_rows(prompts, step, batch_size=batch_size, seed=seed)
 
 
 def sample(model: Any, tokenizer: Any, prompts: list[Prompt], functions: list[RewardFunction], g: GRPOConfig,
