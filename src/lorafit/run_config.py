@@ -14,9 +14,9 @@ from typing import Any
 import yaml
 
 from lorafit.config import AdapterConfig, ConfigError
+from lorafit.evaluation.metrics import METRICS
 
 SCHEDULES = ("cosine", "linear", "constant")
-METRICS = ("json", "exact")
 METHODS = ("sft", "grpo")
 QUANTIZE = (None, "nf4")
 
@@ -59,7 +59,7 @@ class EvaluationConfig:
 
     every: int = 0
     generation: bool = True
-    metric: str = "json"
+    metric: str = "json"  # json: the first JSON object in the reply; json_strict: the whole reply; exact
     max_new_tokens: int = 64
     limit: int | None = None
     batch_size: int = 64
