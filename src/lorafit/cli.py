@@ -148,16 +148,9 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import yaml
+    from lorafit.finish import finish_run
 
-    from lorafit.diagnose.curves import diagnose_run
-    from lorafit.report import write_report
-
-    config_file = Path(args.run_dir) / "config.yaml"
-    method = (yaml.safe_load(config_file.read_text()) or {}).get("method") if config_file.is_file() else None
-    diagnosis = None if method == "grpo" else diagnose_run(args.run_dir).to_json()  # GRPO's loss is no learning curve
-    path = write_report(args.run_dir, compare=args.compare, diagnosis=diagnosis)
-    print(f"wrote {path}")
+    finish_run(args.run_dir, compare=args.compare)
     return 0
 
 
