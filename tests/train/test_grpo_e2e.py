@@ -80,7 +80,7 @@ def test_cli_run_writes_metrics_checkpoints_summary(grpo_run, capsys):
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     needed = {"loss", "lr", "grad_norm", "reward/vowel_share", "reward/brevity", "reward_mean", "reward_std", "kl",
-              "completion_length", "clip_fraction", "generation_s", "update_s", "step_s"}
+              "completion_length", "clip_fraction", "generation_s", "update_s", "step_s", "peak_rss_mib"}
     assert all(needed <= set(r) for r in rows)
     for r in rows:  # the total is the weighted sum of the per-function means
         assert r["reward_mean"] == pytest.approx(r["reward/vowel_share"] + 0.5 * r["reward/brevity"], abs=1e-6)

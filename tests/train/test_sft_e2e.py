@@ -25,6 +25,8 @@ def test_train_writes_adapter_metrics_checkpoints_and_summary(tiny_run):
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
+    assert all(r["peak_rss_mib"] > 50 for r in rows)  # torch alone holds more; each row is its step's peak
+    assert 'alt="Peak memory: process RSS (MiB)"' in (out / "report.html").read_text()  # drawn as a curve
     assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
     assert rows[0]["lr"] == pytest.approx(5e-3)  # warmup 1 step: peak at once
     assert [p.name for p in RunDir(out).list_checkpoints()] == ["step-00000002", "step-00000004"]  # keep 2; none at the end
