@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.set_defaults(handler=_diagnose)
 
     report = commands.add_parser("report", help="(re)build a run's report.html, optionally overlaying other runs",
-                                 description="Write RUN_DIR/report.html (self-contained, plots embedded) and the PNGs "
-                                             "in RUN_DIR/report/: curves, adapter update norms per layer, config, "
-                                             "diagnosis, before/after evaluation.")
+                                 description="Write RUN_DIR/diagnosis.json (the loss-curve diagnosis, for methods whose "
+                                             "loss is a learning curve), RUN_DIR/report.html (self-contained, plots "
+                                             "embedded) and the PNGs in RUN_DIR/report/: curves, adapter update norms "
+                                             "per layer, config, diagnosis, before/after evaluation.")
     report.add_argument("run_dir")
     report.add_argument("--compare", nargs="+", default=[], metavar="RUN", help="runs to overlay")
     report.set_defaults(handler=_report)

@@ -514,7 +514,7 @@ def _healthy(curve: _Curve | None) -> Finding:
 # ---- small helpers ----
 
 def _objects(rows: Sequence[Any]) -> list[Mapping[str, Any]]:
-    """The rows that are JSON objects: a stray non-object line in metrics.jsonl is skipped."""
+    """The rows that are mappings (rows passed in by a caller may hold anything; run_dir.read_metrics checks files)."""
     return [row for row in rows if isinstance(row, Mapping)]
 
 

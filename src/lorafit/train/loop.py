@@ -186,9 +186,9 @@ def check_finite(loss: float, step: int) -> None:
 
 
 def end_step(state: RunState, row: dict[str, Any], force_log: bool = False) -> None:
-    """Count the step done, log its row (every log_every steps, the last step, or when forced) with the peak memory
-    since the last logged row, and write a checkpoint when due; the live loss-curve monitor warns the first time
-    a pattern (spike, plateau, ...) shows."""
+    """After step state.trainer.step: log its row (every log_every steps, the last step, or when forced) with the
+    peak memory since the previous row, and write a checkpoint when due; the live loss-curve monitor warns the first
+    time a pattern (spike, plateau, ...) shows. result.steps counts the steps done."""
     t, step = state.config.training, state.trainer.step
     if step % t.log_every == 0 or force_log or step == state.total_steps:
         row.update(peak_memory_mib(state.model.device))
