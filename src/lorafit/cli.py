@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.set_defaults(handler=_diagnose)
 
     report = commands.add_parser("report", help="(re)build a run's report.html, optionally overlaying other runs",
-                                 description="Write RUN_DIR/report.html (self-contained, plots embedded) and the PNGs "
-                                             "in RUN_DIR/report/: curves, adapter update norms per layer, config, "
-                                             "diagnosis, before/after evaluation.")
+                                 description="Write RUN_DIR/diagnosis.json (the loss-curve diagnosis, for methods whose "
+                                             "loss is a learning curve), RUN_DIR/report.html (self-contained, plots "
+                                             "embedded) and the PNGs in RUN_DIR/report/: curves, adapter update norms "
+                                             "per layer, config, diagnosis, before/after evaluation.")
     report.add_argument("run_dir")
     report.add_argument("--compare", nargs="+", default=[], metavar="RUN", help="runs to overlay")
     report.set_defaults(handler=_report)
@@ -148,16 +149,9 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import yaml
+    from lorafit.finish import finish_run
 
-    from lorafit.diagnose.curves import diagnose_run
-    from lorafit.report import write_report
-
-    config_file = Path(args.run_dir) / "config.yaml"
-    method = (yaml.safe_load(config_file.read_text()) or {}).get("method") if config_file.is_file() else None
-    diagnosis = None if method == "grpo" else diagnose_run(args.run_dir).to_json()  # GRPO's loss is no learning curve
-    path = write_report(args.run_dir, compare=args.compare, diagnosis=diagnosis)
-    print(f"wrote {path}")
+    finish_run(args.run_dir, compare=args.compare)
     return 0
 
 

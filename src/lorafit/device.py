@@ -1,6 +1,9 @@
-"""Device choice: CUDA when present, else CPU; nothing in lorafit names a device otherwise."""
+"""Device choice (CUDA when present, else CPU; nothing in lorafit names a device otherwise) and peak memory."""
 
 from __future__ import annotations
+
+import resource
+import sys
 
 import torch
 
@@ -22,3 +25,31 @@ def bf16_worthwhile(device: torch.device) -> bool:
 def default_compute_dtype(device: torch.device) -> torch.dtype:
     """The dtype 4-bit layers compute in: bf16 where bf16 is fast (CUDA), else fp32."""
     return torch.bfloat16 if bf16_worthwhile(device) else torch.float32
+
+
+MIB = 2**20
+CHUNK_ROWS = 512  # rows of the head loss's logits held at once (train/loss.py): 512 x 49k vocab x 4 B = 100 MB;
+                  # here, below both the loss and the memory estimator (diagnose/memory.py) that models it
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: the process's peak RSS (Linux: /proc/self/clear_refs; elsewhere the peak
+    stays the process's lifetime peak) and, on CUDA, the allocator's peak statistics."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # 5 = reset the peak resident set size (proc(5))
+    except OSError:
+        pass
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """Peak memory since the last reset_peak_memory, in MiB: the process's resident set (host memory, the whole
+    footprint on CPU) and, on CUDA, the peak allocated and reserved by torch's allocator."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"peak_rss_mib": round(rss * (1 if sys.platform == "darwin" else 1024) / MIB, 1)}
+    if device.type == "cuda":
+        peak["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / MIB, 1)
+        peak["cuda_max_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / MIB, 1)
+    return peak

@@ -14,10 +14,11 @@ from typing import Any
 import yaml
 
 from lorafit.config import AdapterConfig, ConfigError
+from lorafit.evaluation.metrics import METRICS
 
 SCHEDULES = ("cosine", "linear", "constant")
-METRICS = ("json", "exact")
 METHODS = ("sft", "grpo")
+METHOD_SECTIONS = {"grpo": ("rewards", "grpo")}  # sections that only the named method reads
 QUANTIZE = (None, "nf4")
 
 
@@ -59,7 +60,7 @@ class EvaluationConfig:
 
     every: int = 0
     generation: bool = True
-    metric: str = "json"
+    metric: str = "json"  # json: the first JSON object in the reply; json_strict: the whole reply; exact
     max_new_tokens: int = 64
     limit: int | None = None
     batch_size: int = 64
@@ -203,8 +204,11 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"method={config.method!r}: use one of {', '.join(METHODS)}.")
     if config.method == "grpo":
         _validate_grpo(config)
-    elif config.rewards or config.grpo != GRPOConfig():
-        raise ConfigError("rewards and the grpo section apply to method: grpo only; set method: grpo or remove them.")
+    defaults = RunConfig()
+    for method, sections in METHOD_SECTIONS.items():
+        if method != config.method and any(getattr(config, s) != getattr(defaults, s) for s in sections):
+            raise ConfigError(f"{' and the '.join(sections)} section apply to method: {method} only; "
+                              f"set method: {method} or remove them.")
 
 
 def check_init_fits_base(config: RunConfig, adapter: AdapterConfig, where: str) -> None:
@@ -237,6 +241,14 @@ def _validate_grpo(config: RunConfig) -> None:
         raise ConfigError(f"grpo.beta={g.beta!r} must be >= 0 (0 = no KL term, no reference model).")
     if not g.epsilon < 1:
         raise ConfigError(f"grpo.epsilon={g.epsilon!r} must be below 1 (the ratio is clipped to [1-eps, 1+eps]).")
+
+
+def method_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A config as plain data (config.yaml) without the sections of other methods than its own: an SFT run's
+    config has no rewards and no grpo section to show."""
+    method = config.get("method") or RunConfig.method
+    unused = {s for m, sections in METHOD_SECTIONS.items() if m != method for s in sections}
+    return {key: value for key, value in config.items() if key not in unused}
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:

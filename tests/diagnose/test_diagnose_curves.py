@@ -267,11 +267,16 @@ def test_a_folder_with_only_metrics_works_and_the_json_is_strict(tmp_path):
     assert "nan" in text and "first_step=151" in text and "no run config" in text
 
 
-def test_non_object_and_torn_lines_are_skipped(tmp_path):
+def test_a_torn_last_line_is_skipped_and_a_bad_middle_line_is_named(tmp_path):
     run = _write_run(tmp_path / "run", rows(exp_decay(0.2), 0), LORA)
+    clean = (run / "metrics.jsonl").read_text()
     with open(run / "metrics.jsonl", "a") as handle:
-        handle.write('[1, 2]\n"text"\n{"step": 201, "loss": 0.8')  # a crash mid-write leaves a torn last line
-    assert diagnose_run(run).patterns == ["healthy"]
+        handle.write('{"step": 201, "loss": 0.8')  # a crash mid-write leaves a torn last line
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:201: the last line is cut short"):
+        assert diagnose_run(run).patterns == ["healthy"]
+    (run / "metrics.jsonl").write_text(clean + '[1, 2]\n"text"\n{"step": 201, "loss": 0.8}\n')
+    with pytest.raises(DiagnoseError, match=r"metrics.jsonl:201: expected a JSON object per line"):
+        diagnose_run(run)
 
 
 def test_baseline_folder(tmp_path):

@@ -15,7 +15,7 @@ from lorafit.diagnose.curves import (
     find_checkpoints,
 )
 from lorafit.run_config import load_run_config
-from lorafit.train.metrics_log import read_metrics
+from lorafit.run_dir import read_metrics
 from lorafit.train.sft import train
 
 pytestmark = pytest.mark.slow

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lorafit.evaluation import exact_match, json_exact_match, score
+from lorafit.evaluation import exact_match, json_exact_match, json_strict_match, score
 
 REF = '{"item": "mug", "color": "red", "quantity": 3, "city": "Oslo"}'
 
@@ -59,3 +59,37 @@ def test_score_unknown_metric_lists_valid_names() -> None:
 def test_score_length_mismatch_raises() -> None:
     with pytest.raises(ValueError):
         score([REF, REF], [REF], "exact")
+
+
+def test_json_takes_the_first_object_and_ignores_the_rest() -> None:
+    # the lenient metric looks no further than the first object: a wrong second object does not count against it
+    assert json_exact_match(f'{REF} {{"item": "lamp"}}', REF)
+    assert not json_exact_match(f'{{"item": "lamp"}} {REF}', REF)
+
+
+def test_json_strict_needs_the_whole_reply_to_be_the_object() -> None:
+    shuffled = '{"city": "Oslo", "quantity": 3, "item": "mug", "color": "red"}'
+    assert json_strict_match(shuffled, REF)  # key order still ignored
+    assert json_strict_match(f"  {REF}\n<|im_end|>", REF)  # whitespace and end-of-turn tokens are not content
+    assert not json_strict_match(f"```json\n{REF}\n```", REF)
+    assert not json_strict_match(f"Here you go: {REF}", REF)
+    assert not json_strict_match(f"{REF} Hope that helps!", REF)
+    assert not json_strict_match(f"{REF}{REF}", REF)
+    assert not json_strict_match(REF.replace(": 3", ': "3"'), REF)
+    assert not json_strict_match("[1, 2]", REF)
+
+
+def test_json_strict_reference_without_object_raises() -> None:
+    with pytest.raises(ValueError, match="no JSON object"):
+        json_strict_match(REF, "no json here")
+
+
+def test_score_json_strict_and_the_run_config_accepts_it(tmp_path) -> None:
+    from lorafit.run_config import load_run_config
+
+    (tmp_path / "run.yaml").write_text("model: tiny\ndata: {train: t.jsonl}\nevaluation: {metric: json_strict}\n")
+    assert load_run_config(tmp_path / "run.yaml").evaluation.metric == "json_strict"
+    preds = [REF, f"```{REF}```", f"Sure: {REF}", "no idea"]
+    assert score(preds, [REF] * 4, "json_strict") == {"metric": "json_strict", "correct": 1, "total": 4,
+                                                      "accuracy": 0.25}
+    assert score(preds, [REF] * 4, "json")["correct"] == 3

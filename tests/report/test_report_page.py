@@ -191,3 +191,98 @@ def test_diagnosis_is_read_from_the_run_folder(tmp_path, stored):
 def test_a_missing_run_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         write_report(tmp_path / "nope")
+
+
+def _full_config(run, method="sft"):
+    """config.yaml as a trainer writes it: every section, a long output_dir (the value that ran into the next
+    column), and for GRPO the rewards it used."""
+    from lorafit.run_config import GRPOConfig, RewardSpec, RunConfig, to_dict
+    from lorafit.run_dir import RunDir
+
+    long_dir = str(run) + "/experiments/" + "very_long_folder_name_without_breaks_" * 4 + "final"
+    config = RunConfig(model="tiny-llama", output_dir=long_dir, method=method,
+                       rewards=[RewardSpec("rewards.py:correct")] if method == "grpo" else [],
+                       grpo=GRPOConfig())
+    config.data.train = str(run) + "/data/" + "train_split_" * 8 + ".jsonl"
+    RunDir(run).write_config(to_dict(config))
+    return long_dir
+
+
+def _config_panel(page: str) -> str:
+    return page[page.index("<h2>Config</h2>"):]
+
+
+def test_config_panel_shows_only_the_keys_of_the_runs_method(tmp_path):
+    sft = make_run(tmp_path / "sft", rows=sft_rows(drop=FEW + ("lr",)), adapter=False, config=False)
+    _full_config(sft, "sft")
+    panel = _config_panel(write_report(sft).read_text())
+    assert "method: sft" in panel and "adapter:" in panel and "training:" in panel
+    assert "grpo:" not in panel and "rewards:" not in panel and "num_generations" not in panel
+
+    grpo = make_run(tmp_path / "grpo", rows=sft_rows(drop=FEW + ("lr",)), adapter=False, config=False)
+    _full_config(grpo, "grpo")
+    panel = _config_panel(write_report(grpo).read_text())
+    assert "grpo:" in panel and "num_generations" in panel and "rewards.py:correct" in panel
+
+
+def _browser() -> str | None:
+    import shutil
+
+    return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+LAYOUT_PROBE = """<script>
+const problems = [];
+const width = window.innerWidth;
+if (document.documentElement.scrollWidth > width) problems.push(`page ${document.documentElement.scrollWidth}px wide`);
+for (const section of document.querySelectorAll("section")) {
+  const edge = section.getBoundingClientRect().right;
+  for (const el of section.querySelectorAll("*")) {
+    const r = el.getBoundingClientRect();
+    if (r.width && r.right > edge + 1) problems.push(`${el.tagName}.${el.className} ends at ${r.right}, section at ${edge}`);
+  }
+}
+const pre = document.querySelector("pre.config"), style = getComputedStyle(pre), box = pre.getBoundingClientRect();
+const left = box.left + parseFloat(style.paddingLeft) + parseFloat(style.borderLeftWidth);
+const inner = pre.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+const gap = parseFloat(style.columnGap) || parseFloat(style.fontSize), wanted = parseFloat(style.columnWidth);
+const n = Math.max(1, Math.floor((inner + gap) / (wanted + gap))), column = (inner - (n - 1) * gap) / n;
+const range = document.createRange();
+range.selectNodeContents(pre);
+let lines = 0;
+for (const r of range.getClientRects()) {
+  if (!r.width) continue;
+  lines += 1;
+  const k = Math.floor((r.left - left + 1) / (column + gap));
+  if (r.right > left + k * (column + gap) + column + 1) problems.push(`config line at ${r.left}-${r.right} leaves column ${k}`);
+}
+document.body.setAttribute("data-layout", JSON.stringify({problems, columns: n, lines}));
+</script>"""
+
+
+@pytest.mark.skipif(_browser() is None, reason="headless Chromium is not installed (apt-get install chromium): "
+                                               "the report's layout is not checked in a browser")
+def test_report_layout_in_a_browser_at_1280px(tmp_path):
+    import subprocess
+
+    run = make_run(tmp_path / "run1", rows=sft_rows(drop=FEW), adapter=False, config=False)
+    long_dir = _full_config(run)
+    page = write_report(run).read_text()
+    assert long_dir in html_unescape(page)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", LAYOUT_PROBE + "</body>"))
+    flags = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,3000"]
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", probe.as_uri()], check=True, capture_output=True, timeout=120)
+    assert Image.open(shot).size == (1280, 3000)
+    dom = subprocess.run([*flags, "--dump-dom", probe.as_uri()], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    layout = json.loads(html_unescape(re.search(r'data-layout="([^"]*)"', dom).group(1)))
+    assert layout["columns"] >= 3 and layout["lines"] > 20  # the config really is laid out in columns
+    assert layout["problems"] == []
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)

@@ -11,8 +11,8 @@ from tiny_models import tiny_chat_tokenizer
 from lorafit.cli import main
 from lorafit.run_config import load_run_config
 from lorafit.train import grpo
-from lorafit.train.checkpoint import list_checkpoints
-from lorafit.train.metrics_log import read_metrics
+from lorafit.run_dir import RunDir
+from lorafit.run_dir import read_metrics
 
 QUESTIONS = ["Hello!", "Tell me a joke about cats.", "What is the capital of France?", "Write a short poem about the sea."]
 REWARDS = '''
@@ -80,14 +80,14 @@ def test_cli_run_writes_metrics_checkpoints_summary(grpo_run, capsys):
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     needed = {"loss", "lr", "grad_norm", "reward/vowel_share", "reward/brevity", "reward_mean", "reward_std", "kl",
-              "completion_length", "clip_fraction", "generation_s", "update_s", "step_s"}
+              "completion_length", "clip_fraction", "generation_s", "update_s", "step_s", "peak_rss_mib"}
     assert all(needed <= set(r) for r in rows)
     for r in rows:  # the total is the weighted sum of the per-function means
         assert r["reward_mean"] == pytest.approx(r["reward/vowel_share"] + 0.5 * r["reward/brevity"], abs=1e-6)
         assert 1 <= r["completion_length"] <= 3
     assert any(r["clip_fraction"] > 0 for r in rows)  # num_iterations 2: the second pass can clip
     assert [r["step"] for r in rows if "eval_reward" in r] == [2, 4]
-    assert [p.name for p in list_checkpoints(out)] == ["step-00000002"]
+    assert [p.name for p in RunDir(out).list_checkpoints()] == ["step-00000002"]
     summary = json.loads((out / "summary.json").read_text())
     for key in ("eval_before", "eval_after"):
         e = summary[key]
@@ -144,7 +144,7 @@ def test_a_raising_reward_is_named_and_keeps_checkpoints(grpo_run, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "reward function " in err and "flaky.py:flaky raised ZeroDivisionError: division by zero" in err
-    assert [p.name for p in list_checkpoints(out)] == ["step-00000001", "step-00000002"]  # written before step 3
+    assert [p.name for p in RunDir(out).list_checkpoints()] == ["step-00000001", "step-00000002"]  # written before step 3
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
 
 

@@ -10,8 +10,8 @@ import pytest
 import lorafit
 from lorafit.run_config import load_run_config
 from lorafit.train import sft
-from lorafit.train.checkpoint import list_checkpoints
-from lorafit.train.metrics_log import read_metrics
+from lorafit.run_dir import RunDir
+from lorafit.run_dir import read_metrics
 
 
 def run(root, *overrides, resume=False):
@@ -25,9 +25,11 @@ def test_train_writes_adapter_metrics_checkpoints_and_summary(tiny_run):
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
+    assert all(r["peak_rss_mib"] > 50 for r in rows)  # torch alone holds more; each row is its step's peak
+    assert 'alt="Peak memory: process RSS (MiB)"' in (out / "report.html").read_text()  # drawn as a curve
     assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
     assert rows[0]["lr"] == pytest.approx(5e-3)  # warmup 1 step: peak at once
-    assert [p.name for p in list_checkpoints(out)] == ["step-00000002", "step-00000004"]  # keep 2; none at the end
+    assert [p.name for p in RunDir(out).list_checkpoints()] == ["step-00000002", "step-00000004"]  # keep 2; none at the end
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "config.yaml").is_file()
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
     base = lorafit.load_model(str(tiny_run / "model"))[0]
@@ -56,7 +58,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tiny_run, monkeypatch, varia
     with pytest.raises(KeyboardInterrupt):
         run(tiny_run, f"output_dir={broken}", *variant)
     monkeypatch.setattr(sft, "train_step", real_step)
-    assert list_checkpoints(broken)[-1].name == "step-00000004"
+    assert RunDir(broken).list_checkpoints()[-1].name == "step-00000004"
     result = run(tiny_run, f"output_dir={broken}", *variant, resume=True)
     assert result.steps == 6
     resumed = {r["step"]: r["loss"] for r in read_metrics(broken / "metrics.jsonl")}

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from lorafit.config import HEALTHY_SCALE, lora_scale
 from lorafit.diagnose.findings import Diagnosis, Finding
-from lorafit.train.checkpoint import list_checkpoints
-from lorafit.train.metrics_log import read_metrics
+from lorafit.run_config import RunConfig
+from lorafit.run_dir import RunDir, RunDirError, checkpoint_step
 
 # ---- Thresholds: every number the detectors use, and why ----
 MIN_ROWS_SPIKE = 8          # a spike is judged against the rows before it: at least 3 candidates after SPIKE_REF_ROWS
@@ -66,6 +65,9 @@ MONITOR_EVERY = 10          # the live monitor re-runs the detectors after 10 ro
 MONITOR_GROWTH = 50         # whichever is more (NaN at once): findings lag <= 2% of the run, total cost ~ n log n
 MONITOR_SHAPE_PROGRESS = 0.5  # live: plateau shapes are judged only past half of the planned steps
 FOUR_BIT = ("nf4", "fp4")   # values of the top-level `quantize` key that mean a 4-bit base
+
+LEARNING_CURVE_METHODS = frozenset({"sft"})  # methods whose loss is the learning curve these detectors judge;
+                            # GRPO's loss is a policy-gradient surrogate (near 0 by construction): its report shows rewards
 
 _HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -112,6 +114,11 @@ class _Blocks:
     def se(self, index: int, noise: float) -> float:
         """Standard error of block `index`'s median under relative noise `noise`."""
         return MEDIAN_SE * noise * abs(self.levels[index]) / math.sqrt(self.counts[index])
+
+
+def has_learning_curve(method: str | None) -> bool:
+    """Whether a run of `method` (config.yaml's `method`; None = the default) gets the loss-curve diagnosis."""
+    return (method or RunConfig.method) in LEARNING_CURVE_METHODS
 
 
 def diagnose_run(run_dir: str | Path, baseline_dir: str | Path | None = None) -> Diagnosis:
@@ -204,7 +211,7 @@ class CurveMonitor:
 def find_checkpoints(run_dir: str | Path) -> dict[int, str]:
     """Checkpoint folders of a run, step -> path relative to the run: lorafit's checkpoints/step-N, or checkpoint-N."""
     run = Path(run_dir)
-    found = {int(p.name.split("-")[1]): p for p in list_checkpoints(run)}
+    found = {checkpoint_step(p): p for p in RunDir(run).list_checkpoints()}
     if run.is_dir():
         found.update({int(m.group(1)): p for p in run.iterdir() if p.is_dir() and (m := _HF_CHECKPOINT.match(p.name))})
     return {step: str(path.relative_to(run)) for step, path in sorted(found.items())}
@@ -212,23 +219,18 @@ def find_checkpoints(run_dir: str | Path) -> dict[int, str]:
 
 # ---- reading ----
 
-def _read_run(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file():
-        where = "does not exist" if not run.exists() else "has no metrics.jsonl"
-        raise DiagnoseError(f"run folder {str(run)!r} {where}: pass the output_dir of a training run.")
-    rows = read_metrics(metrics)
-    if not rows:
-        raise DiagnoseError(f"{metrics} has no rows: the run logged no step yet.")
-    config_path = run / "config.yaml"
-    if not config_path.is_file():
-        return rows, None
+def _read_run(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    run = RunDir(path)
+    if not run.metrics.is_file():
+        where = "does not exist" if not path.exists() else f"has no {run.metrics.name}"
+        raise DiagnoseError(f"run folder {str(path)!r} {where}: pass the output_dir of a training run.")
     try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise DiagnoseError(f"{config_path}: not valid YAML ({err}); fix or delete it to diagnose without it.") from err
-    if not isinstance(config, dict):
-        raise DiagnoseError(f"{config_path}: expected a mapping of sections (adapter, training, ...), got {config!r}.")
+        rows = run.read_metrics()
+        config = run.read_config()
+    except RunDirError as err:
+        raise DiagnoseError(str(err)) from err
+    if not rows:
+        raise DiagnoseError(f"{run.metrics} has no rows: the run logged no step yet.")
     return rows, config
 
 
@@ -512,7 +514,7 @@ def _healthy(curve: _Curve | None) -> Finding:
 # ---- small helpers ----
 
 def _objects(rows: Sequence[Any]) -> list[Mapping[str, Any]]:
-    """The rows that are JSON objects: a stray non-object line in metrics.jsonl is skipped."""
+    """The rows that are mappings (rows passed in by a caller may hold anything; run_dir.read_metrics checks files)."""
     return [row for row in rows if isinstance(row, Mapping)]
 
 
@@ -557,4 +559,5 @@ def _int(value: float) -> int:
     return round(float(value))
 
 
-__all__ = ["CurveMonitor", "DiagnoseError", "diagnose_report", "diagnose_rows", "diagnose_run", "find_checkpoints"]
+__all__ = ["LEARNING_CURVE_METHODS", "CurveMonitor", "DiagnoseError", "diagnose_report", "diagnose_rows", "diagnose_run",
+           "find_checkpoints", "has_learning_curve"]

@@ -34,7 +34,7 @@ from lorafit.diagnose.model_shape import (
     ModelShape,
     model_shape,
 )
-from lorafit.train.loss import CHUNK_ROWS
+from lorafit.device import CHUNK_ROWS
 
 GB = 1e9
 METHODS = ("lora", "qlora", "full")

@@ -42,26 +42,51 @@ def exact_match(prediction: str, reference: str) -> bool:
     return _normalize(prediction) == _normalize(reference)
 
 
-def json_exact_match(prediction: str, reference: str) -> bool:
-    """True when the first JSON object in the prediction equals the reference object.
+def _whole_json_object(text: str) -> dict[str, Any] | None:
+    """`text` parsed as JSON when the whole of it is one JSON object, else None."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
-    Key order is ignored; value types matter (``3`` differs from ``"3"``).
-    Raises ValueError if the reference itself holds no JSON object.
-    """
+
+def _reference_object(reference: str) -> dict[str, Any]:
     expected = _first_json_object(_normalize(reference))
     if expected is None:
         raise ValueError(f"reference contains no JSON object: {reference!r}")
-    return _first_json_object(_normalize(prediction)) == expected
+    return expected
+
+
+def json_exact_match(prediction: str, reference: str) -> bool:
+    """True when the FIRST JSON object found anywhere in the prediction equals the reference object (metric `json`).
+
+    Lenient: prose, code fences and other text around the object are ignored, and anything after the first
+    object is not looked at. Key order is ignored; value types matter (``3`` differs from ``"3"``).
+    Raises ValueError if the reference itself holds no JSON object.
+    """
+    return _first_json_object(_normalize(prediction)) == _reference_object(reference)
+
+
+def json_strict_match(prediction: str, reference: str) -> bool:
+    """True when the whole prediction (stripped, end-of-turn tokens removed) is one JSON object equal to the
+    reference object (metric `json_strict`): no prose, no code fence, nothing after the object.
+
+    Key order is ignored; value types matter. Raises ValueError if the reference holds no JSON object.
+    """
+    return _whole_json_object(_normalize(prediction)) == _reference_object(reference)
 
 
 METRICS: dict[str, Callable[[str, str], bool]] = {
     "exact": exact_match,
-    "json": json_exact_match,
+    "json": json_exact_match,  # the first JSON object anywhere in the reply
+    "json_strict": json_strict_match,  # the whole reply is the JSON object
 }
 
 
 def score(predictions: list[str], references: list[str], metric: str) -> dict[str, Any]:
-    """Score paired predictions/references with the named metric ("exact" or "json")."""
+    """Score paired predictions/references with the named metric: "exact" (the whole reply, normalised), "json"
+    (the first JSON object in the reply) or "json_strict" (the whole reply is the JSON object)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; valid names: {', '.join(sorted(METRICS))}")
     if len(predictions) != len(references):

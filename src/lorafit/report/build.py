@@ -11,9 +11,7 @@ from lorafit.fileio import atomic_directory, write_text_atomic
 from lorafit.report.html import render_page
 from lorafit.report.plots import file_key, metric_panels, norm_heatmap
 from lorafit.report.run_data import RunData, load_run
-
-REPORT_NAME = "report.html"
-FIGURES_DIR = "report"
+from lorafit.run_dir import RunDir
 
 
 def write_report(run_dir: str | Path, compare: Sequence[str | Path] = (), diagnosis: Any = None) -> Path:
@@ -22,7 +20,7 @@ def write_report(run_dir: str | Path, compare: Sequence[str | Path] = (), diagno
     `compare` overlays other runs' curves on this one's; `diagnosis` (finding dicts) overrides run_dir/diagnosis.json.
     Missing pieces (no eval, adapter, summary) leave a note in their section instead of failing.
     """
-    run_dir = Path(run_dir)
+    folder = RunDir(run_dir)
     runs = [load_run(run_dir, diagnosis=diagnosis)] + [load_run(path) for path in compare]
     _make_names_unique(runs)
     panels = metric_panels(runs)
@@ -31,13 +29,13 @@ def write_report(run_dir: str | Path, compare: Sequence[str | Path] = (), diagno
     heatmaps = {run.name: norm_heatmap(run.norms, f"{run.name}: ‖s·B·A‖_F by block and module", vmax)
                 for run in measured}
     page = render_page(runs, panels, heatmaps)
-    with atomic_directory(run_dir / FIGURES_DIR) as tmp:
+    with atomic_directory(folder.figures) as tmp:
         for panel in panels:
             (tmp / f"{panel.key}.png").write_bytes(panel.png)
         for name, png in heatmaps.items():
             (tmp / f"adapter_norms_{file_key(name)}.png").write_bytes(png)
-    write_text_atomic(run_dir / REPORT_NAME, page)
-    return run_dir / REPORT_NAME
+    write_text_atomic(folder.report, page)
+    return folder.report
 
 
 def _make_names_unique(runs: list[RunData]) -> None:

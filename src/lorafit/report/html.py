@@ -7,9 +7,12 @@ import datetime
 from html import escape
 from typing import Any
 
+import yaml
+
 from lorafit.report.norms import ModuleNorm
 from lorafit.report.plots import Panel, run_colors
 from lorafit.report.run_data import RunData, headline, is_number
+from lorafit.run_config import method_keys
 
 TOP_MODULES = 8  # rows in the "largest updates" table
 SAMPLES_SHOWN = 3
@@ -45,7 +48,7 @@ th{font-size:12px;color:var(--muted);font-weight:600}
 td.num,th.num{text-align:right}
 pre,code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
 pre{background:#f3f4f6;border-radius:8px;padding:12px 14px;overflow:auto;margin:0}
-pre.config{column-width:300px;column-rule:1px solid var(--line)}
+pre.config{column-width:300px;column-rule:1px solid var(--line);white-space:pre-wrap;overflow-wrap:anywhere}
 td.mono{white-space:pre-wrap;word-break:break-word;max-width:420px}
 .note{color:var(--muted);font-style:italic;margin:0}
 .finding{border-left:4px solid var(--warn);background:#fffbeb;border-radius:6px;padding:10px 14px;margin:0 0 10px}
@@ -240,13 +243,14 @@ def _config_section(runs: list[RunData]) -> str:
     if main.config_text is None:
         parts.append(_note(main.notes.get("config", "no config.")))
     else:
-        parts.append(f"<details open><summary>{escape(main.name)}/config.yaml</summary>"
-                     f'<pre class="config">{escape(main.config_text)}</pre></details>')
+        text = main.config_text if main.config is None else yaml.safe_dump(method_keys(main.config), sort_keys=False)
+        parts.append(f"<details open><summary>{escape(main.name)}/{escape(main.folder.config.name)}</summary>"
+                     f'<pre class="config">{escape(text)}</pre></details>')
     return f"<section><h2>Config</h2>{''.join(parts)}</section>"
 
 
 def _config_differences(runs: list[RunData]) -> str:
-    flat = [_flatten(r.config or {}) for r in runs]
+    flat = [_flatten(method_keys(r.config or {})) for r in runs]
     keys = sorted({k for f in flat for k in f if k != "output_dir"})
     differing = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
     if not differing:

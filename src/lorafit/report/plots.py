@@ -19,7 +19,9 @@ from lorafit.report.run_data import RunData, is_number, series
 AXIS_COLUMNS = ("step", "epoch", "tokens_seen")  # counters that only restate the x axis
 FIRST_PANELS = ("loss", "lr", "tokens_per_s", "grad_norm")
 TITLES = {"loss": "Loss", "lr": "Learning rate", "tokens_per_s": "Throughput (tokens/s)",
-          "grad_norm": "Gradient norm (before clipping)"}
+          "grad_norm": "Gradient norm (before clipping)", "peak_rss_mib": "Peak memory: process RSS (MiB)",
+          "cuda_max_allocated_mib": "Peak CUDA memory allocated (MiB)",
+          "cuda_max_reserved_mib": "Peak CUDA memory reserved (MiB)"}
 COLORS = ("#2563eb", "#ea580c", "#16a34a", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#db2777")
 LOG_RANGE = 20  # a loss spanning more than this factor is drawn on a log axis
 DPI = 110

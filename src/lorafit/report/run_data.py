@@ -1,6 +1,6 @@
 """Everything the report shows about one run folder, read once; a missing or unreadable piece becomes a note.
 
-A run folder holds config.yaml, metrics.jsonl, summary.json, adapter/ and optionally diagnosis.json.
+The folder's files are named by lorafit.run_dir (config.yaml, metrics.jsonl, summary.json, adapter/, diagnosis.json).
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from lorafit.adapters.io import AdapterFileError, read_adapter_config
 from lorafit.report.norms import ModuleNorm, adapter_update_norms
-from lorafit.train.metrics_log import read_metrics
+from lorafit.run_dir import RunDir, RunDirError
 
 EVAL_KEYS = ("eval_before", "eval_after")
 
@@ -36,15 +35,20 @@ class RunData:
     use_dora: bool = False
     notes: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def folder(self) -> RunDir:
+        return RunDir(self.path)
+
 
 def load_run(run_dir: str | Path, diagnosis: Any = None) -> RunData:
     """Read a run folder; `diagnosis` (a list of finding dicts, or {"findings": [...]}) replaces diagnosis.json."""
     path = Path(run_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"run folder {str(path)!r} does not exist: pass the output_dir of a lorafit run.")
-    run = RunData(path=path, name=path.name, metrics=read_metrics(path / "metrics.jsonl"))
+    folder = RunDir(path)
+    run = RunData(path=path, name=path.name, metrics=folder.read_metrics())
     if not run.metrics:
-        run.notes["metrics"] = "no metrics.jsonl rows: the run logged no step."
+        run.notes["metrics"] = f"no {folder.metrics.name} rows: the run logged no step."
     _read_config(run)
     _read_summary(run)
     _read_diagnosis(run, diagnosis)
@@ -85,44 +89,42 @@ def headline(run: RunData) -> dict[str, Any]:
 
 
 def _read_config(run: RunData) -> None:
-    config_file = run.path / "config.yaml"
+    config_file = run.folder.config
     if not config_file.is_file():
-        run.notes["config"] = "no config.yaml in the run folder."
+        run.notes["config"] = f"no {config_file.name} in the run folder."
         return
     run.config_text = config_file.read_text(encoding="utf-8")
     try:
-        parsed = yaml.safe_load(run.config_text)
-    except yaml.YAMLError as err:
-        run.notes["config"] = f"config.yaml is not valid YAML ({err}); shown as text."
-        return
-    run.config = parsed if isinstance(parsed, dict) else None
+        run.config = run.folder.read_config()
+    except RunDirError as err:
+        run.notes["config"] = f"{err} Shown as text."
 
 
 def _read_summary(run: RunData) -> None:
-    summary = _read_json(run, "summary.json", "summary")
+    summary = _read_json(run, run.folder.summary, "summary")
     if summary is not None and not isinstance(summary, dict):
-        run.notes["summary"] = "summary.json is not a JSON object."
+        run.notes["summary"] = f"{run.folder.summary.name} is not a JSON object."
         summary = None
     run.summary = summary
     if summary is None:
-        run.notes.setdefault("summary", "no summary.json: the run did not finish.")
+        run.notes.setdefault("summary", f"no {run.folder.summary.name}: the run did not finish.")
         return
     for key in EVAL_KEYS:
         evaluation = summary.get(key)
         if evaluation is not None and not (isinstance(evaluation, dict) and all(
                 is_number(evaluation.get(k)) for k in ("correct", "total", "accuracy"))):
             summary[key] = None
-            run.notes["evaluation"] = f"summary.json: {key} lacks correct/total/accuracy; left out."
+            run.notes["evaluation"] = f"{run.folder.summary.name}: {key} lacks correct/total/accuracy; left out."
     if not any(summary.get(key) for key in EVAL_KEYS):
         run.notes.setdefault("evaluation", "no generation evaluation (needs data.eval and evaluation.generation: true).")
 
 
 def _read_diagnosis(run: RunData, given: Any) -> None:
     if given is None:
-        if not (run.path / "diagnosis.json").is_file():
+        if not run.folder.diagnosis.is_file():
             run.notes["diagnosis"] = "no loss-curve diagnosis for this run."
             return
-        given = _read_json(run, "diagnosis.json", "diagnosis")
+        given = _read_json(run, run.folder.diagnosis, "diagnosis")
         if given is None:
             return  # unreadable: _read_json left a note
     findings = given.get("findings") if isinstance(given, dict) else given  # {"findings": [...]} or a bare list
@@ -133,7 +135,7 @@ def _read_diagnosis(run: RunData, given: Any) -> None:
 
 
 def _read_norms(run: RunData) -> None:
-    adapter = run.path / "adapter"
+    adapter = run.folder.adapter
     if not adapter.is_dir():
         run.notes["adapter"] = "no adapter folder: the run saved no adapter."
         return
@@ -145,14 +147,13 @@ def _read_norms(run: RunData) -> None:
     run.use_dora = read_adapter_config(adapter).use_dora
 
 
-def _read_json(run: RunData, filename: str, section: str) -> Any:
-    path = run.path / filename
+def _read_json(run: RunData, path: Path, section: str) -> Any:
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        run.notes[section] = f"{filename} is not valid JSON ({err})."
+        run.notes[section] = f"{path.name} is not valid JSON ({err})."
         return None
 
 

@@ -1,1 +1,1 @@
-"""Training: supervised fine-tuning loop, loss, schedule, checkpoints, metrics log."""
+"""Training: the SFT and GRPO recipes over a shared loop (loop.py: RunState), loss, schedule, checkpoint contents."""

@@ -1,10 +1,11 @@
-"""Checkpoints: adapter (PEFT format) + optimiser, scheduler, RNG and data position, written atomically."""
+"""Checkpoint contents: adapter (PEFT format) + optimiser, scheduler, RNG and data position, written atomically.
+
+Where checkpoints live, their step-N names, listing and pruning belong to the run folder (lorafit.run_dir).
+"""
 
 from __future__ import annotations
 
 import random
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,9 @@ from torch import nn
 
 from lorafit.adapters.io import load_adapter_weights, save_adapter
 from lorafit.fileio import atomic_directory
+from lorafit.run_dir import CHECKPOINT_COMPLETE, RunDir
 
-STATE_FILE = "trainer_state.pt"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = CHECKPOINT_COMPLETE  # the run folder counts a checkpoint as complete once this file is in it
 
 
 class CheckpointError(RuntimeError):
@@ -31,14 +32,11 @@ class TrainerState:
     tokens_seen: int = 0
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     state: TrainerState, keep: int) -> Path:
     """Write checkpoints/step-N atomically, then delete all but the newest `keep`."""
-    target = checkpoint_dir(run_dir) / f"step-{state.step:08d}"
+    run = RunDir(run_dir)
+    target = run.checkpoint_path(state.step)
     with atomic_directory(target) as tmp:
         save_adapter(model, tmp / "adapter", convert_pissa=False)  # resume needs the residual form
         torch.save({
@@ -47,18 +45,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
         }, tmp / STATE_FILE)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    run.prune_checkpoints(keep)
     return target
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first (temporary folders of an interrupted save are ignored)."""
-    folder = checkpoint_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:

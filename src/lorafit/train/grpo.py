@@ -51,6 +51,7 @@ from lorafit.train.rewards import (
 )
 
 STD_EPS = 1e-4  # TRL's constant: a group with equal rewards gets advantage 0, not 0/0
+STEP_PHASES = ("generation_s", "rewards_s", "reference_s", "update_s")  # each step's timed parts, logged per row
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,10 @@ class Samples:
 def train(config: RunConfig, *, resume: bool = False) -> RunResult:
     """Run GRPO as `config` says; the adapter lands in OUTPUT/adapter (PEFT format)."""
     functions = load_rewards(config.rewards)  # a missing file or function fails before any weight loads
-    result = loop.begin_run(config)
-    out, t, g = result.output_dir, config.training, config.grpo
-    model, tokenizer = loop.load_base_model(config, result)
+    state = loop.begin_run(config, resume)
+    result, t, g = state.result, config.training, config.grpo
+    loop.load_base_model(state)
+    model, tokenizer = state.model, state.tokenizer
     max_prompt = config.data.max_seq_len - g.max_new_tokens
     train_prompts = read_prompts(config.data.train, tokenizer, max_prompt)
     eval_prompts = read_prompts(config.data.eval, tokenizer, max_prompt) if config.data.eval else []
@@ -95,79 +97,64 @@ def train(config: RunConfig, *, resume: bool = False) -> RunResult:
 
     evaluate = config.evaluation.generation and bool(eval_prompts)
     if evaluate and not resume:
-        clock = time.perf_counter()
-        if config.init_adapter:
-            with adapters_disabled(model):
-                result.eval_base = reward_eval(model, tokenizer, eval_prompts, functions, config)
-        result.eval_before = reward_eval(model, tokenizer, eval_prompts, functions, config)
-        result.phases["eval_before_s"] = time.perf_counter() - clock
+        with state.timed("eval_before"):
+            if config.init_adapter:
+                with adapters_disabled(model):
+                    result.eval_base = reward_eval(model, tokenizer, eval_prompts, functions, config)
+            result.eval_before = reward_eval(model, tokenizer, eval_prompts, functions, config)
         print(f"held-out reward before training: {_describe(result.eval_before)}")
 
     per_epoch = steps_per_epoch(len(train_prompts), t.batch_size)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
-    opt = loop.make_optimisation(model, t, total_steps * g.num_iterations)
-    state, log = loop.start_or_resume(out, model, opt, resume)
-
-    model.train()
+    loop.start_training(state, total_steps=t.max_steps or max(1, math.ceil(t.epochs * per_epoch)),
+                        updates_per_step=g.num_iterations)
+    progress = state.trainer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    clock = time.perf_counter()
-    timing = {"generation_s": 0.0, "rewards_s": 0.0, "reference_s": 0.0, "update_s": 0.0}
-    with tqdm(total=total_steps, initial=state.step, desc="grpo", unit="step", dynamic_ncols=True) as bar:
-        while state.step < total_steps:
-            times, step_start = {}, time.perf_counter()
-            prompts = step_prompts(train_prompts, state.step, t.batch_size, t.seed)
-            samples = sample(model, tokenizer, prompts, functions, g, times)
+    with state.timed("train"), tqdm(total=state.total_steps, initial=progress.step, desc="grpo", unit="step",
+                                    dynamic_ncols=True) as bar:
+        while progress.step < state.total_steps:
+            step_start = time.perf_counter()
+            prompts = step_prompts(train_prompts, progress.step, t.batch_size, t.seed)
+            samples = sample(state, prompts, functions)
             advantages = group_advantages(samples.rewards, g.num_generations, g.scale_rewards)
             micro = (t.micro_batch_size or t.batch_size) * g.num_generations
             batches = [sequence_batch(samples, advantages, i, i + micro, pad, model.device)
                        for i in range(0, len(samples.completions), micro)]
-            tick = time.perf_counter()
-            refs = [reference_logprobs(model, b, g.temperature, use_bf16, start) if g.beta else None
-                    for b in batches]
-            times["reference_s"] = time.perf_counter() - tick
-
-            tick = time.perf_counter()
-            olds: list[torch.Tensor | None] = [None] * len(batches)
-            updates = []
-            for _ in range(g.num_iterations):
-                stats = update_step(model, batches, olds, refs, g, use_bf16)
-                loop.check_finite(stats["loss"], state.step + 1)
-                stats["grad_norm"], stats["lr"] = opt.step(t.max_grad_norm)
-                updates.append(stats)
-            times["update_s"] = time.perf_counter() - tick
+            with state.timed("reference"):
+                refs = [reference_logprobs(model, b, g.temperature, use_bf16, start) if g.beta else None
+                        for b in batches]
+            with state.timed("update"):
+                olds: list[torch.Tensor | None] = [None] * len(batches)
+                updates = []
+                for _ in range(g.num_iterations):
+                    stats = update_step(model, batches, olds, refs, g, use_bf16)
+                    loop.check_finite(stats["loss"], progress.step + 1)
+                    stats["grad_norm"], stats["lr"] = state.opt.step(t.max_grad_norm)
+                    updates.append(stats)
+            times = {k: state.last_s[k] for k in STEP_PHASES}
             times["step_s"] = time.perf_counter() - step_start
-            state.step += 1
-            state.tokens_seen += sum(len(p.ids) for p in samples.prompts) + sum(map(len, samples.completion_ids))
+            progress.step += 1
+            progress.tokens_seen += sum(len(p.ids) for p in samples.prompts) + sum(map(len, samples.completion_ids))
 
-            row = {"step": state.step, "epoch": round(state.step / per_epoch, 4), "lr": updates[0]["lr"],
+            row = {"step": progress.step, "epoch": round(progress.step / per_epoch, 4), "lr": updates[0]["lr"],
                    **{k: sum(u[k] for u in updates) / len(updates) for k in updates[0] if k != "lr"},
                    **reward_metrics(samples, functions, g.num_generations),
                    **{k: round(v, 3) for k, v in times.items()}}
-            if evaluate and config.evaluation.every and (state.step % config.evaluation.every == 0
-                                                         or state.step == total_steps):
+            if evaluate and config.evaluation.every and (progress.step % config.evaluation.every == 0
+                                                         or progress.step == state.total_steps):
                 row["eval_reward"] = reward_eval(model, tokenizer, eval_prompts, functions, config)["reward_mean"]
-            loop.end_step(row, out=out, log=log, model=model, opt=opt, state=state, t=t, total_steps=total_steps,
-                          force_log="eval_reward" in row)
-            for key in timing:
-                timing[key] += times[key]
+            loop.end_step(state, row, force_log="eval_reward" in row)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", gen_s=f"{times['generation_s']:.1f}",
                             train_s=f"{times['reference_s'] + times['update_s']:.1f}", refresh=False)
             bar.update(1)
             result.final_loss = row["loss"]
-    result.phases["train_s"] = time.perf_counter() - clock
-    result.phases.update(timing)
-    result.steps = state.step
-    print(_time_split(timing, result.phases["train_s"]))
+    print(_time_split({k: result.phases.get(k, 0.0) for k in STEP_PHASES}, result.phases["train_s"]))
 
-    loop.save_final_adapter(model, config, result)
+    loop.save_final_adapter(state)
     if evaluate:
-        clock = time.perf_counter()
-        result.eval_after = reward_eval(model, tokenizer, eval_prompts, functions, config)
-        result.phases["eval_after_s"] = time.perf_counter() - clock
+        with state.timed("eval_after"):
+            result.eval_after = reward_eval(model, tokenizer, eval_prompts, functions, config)
         print(_side_by_side(result))
-    loop.write_summary(result)
-    loop.write_report_files(out, diagnose=False)  # GRPO's loss is no learning curve: the report shows rewards
-    return result
+    return loop.finish(state)
 
 
 def read_prompts(path: str, tokenizer: Any, max_tokens: int) -> list[Prompt]:
@@ -194,21 +181,19 @@ def step_prompts(prompts: list[Prompt], step: int, batch_size: int, seed: int) -
     return step_rows(prompts, step, batch_size=batch_size, seed=seed)
 
 
-def sample(model: Any, tokenizer: Any, prompts: list[Prompt], functions: list[RewardFunction], g: GRPOConfig,
-           times: dict[str, float]) -> Samples:
-    """num_generations sampled completions per prompt, scored; time spent goes to times['generation_s'/'rewards_s']."""
-    clock = time.perf_counter()
+def sample(state: loop.RunState, prompts: list[Prompt], functions: list[RewardFunction]) -> Samples:
+    """num_generations sampled completions per prompt of the run's model, scored; timed as generation and rewards."""
+    g, tokenizer = state.config.grpo, state.tokenizer
     repeated = [p for p in prompts for _ in range(g.num_generations)]
-    completion_ids = generate_ids(model, tokenizer, [p.ids for p in repeated], max_new_tokens=g.max_new_tokens,
-                                  batch_size=len(repeated), temperature=g.temperature, top_p=g.top_p)
-    completions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completion_ids]
-    times["generation_s"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    fields = row_fields([p.fields for p in repeated], [p.source for p in repeated])
-    scores = score(functions, [p.text for p in repeated], completions, fields)
-    rewards = torch.tensor(weighted_total(functions, scores), dtype=torch.float32)
-    times["rewards_s"] = time.perf_counter() - clock
+    with state.timed("generation"):
+        completion_ids = generate_ids(state.model, tokenizer, [p.ids for p in repeated],
+                                      max_new_tokens=g.max_new_tokens, batch_size=len(repeated),
+                                      temperature=g.temperature, top_p=g.top_p)
+        completions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completion_ids]
+    with state.timed("rewards"):
+        fields = row_fields([p.fields for p in repeated], [p.source for p in repeated])
+        scores = score(functions, [p.text for p in repeated], completions, fields)
+        rewards = torch.tensor(weighted_total(functions, scores), dtype=torch.float32)
     return Samples(repeated, completion_ids, completions, scores, rewards)
 
 

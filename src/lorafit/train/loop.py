@@ -1,39 +1,35 @@
-"""What every trainer (sft, grpo) shares: run folder, model + adapter, optimiser step, logging, checkpoints, summary.
+"""What every trainer (sft, grpo) shares: the run's state, model + adapter, optimiser step, logging, checkpoints,
+and the end of a run (adapter, summary, diagnosis + report).
 
-Each trainer's `train()` calls these plain functions in order, so the loop still reads top to bottom in
-the trainer file; only the pieces that must not drift apart (clipping, the optimiser/scheduler step,
-when to log and checkpoint, resume) live here once.
+Each trainer's `train()` is the recipe, read top to bottom: `begin_run` (a RunState), setup (model, data, adapter,
+optimisation), the loop (`end_step` after each step), then `finish`. Only the pieces that must not drift apart
+(clipping, the optimiser/scheduler step, when to log and checkpoint, resume, timings) live here once.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
 from lorafit.adapters.io import load_adapter, read_adapter_config, save_adapter
 from lorafit.adapters.model import attach, parameter_report
-from lorafit.device import bf16_worthwhile, default_compute_dtype
+from lorafit.device import bf16_worthwhile, default_compute_dtype, peak_memory_mib, reset_peak_memory
 from lorafit.diagnose.checks import check_run_config, format_checks
-from lorafit.diagnose.curves import CurveMonitor, diagnose_run
-from lorafit.fileio import write_json_atomic, write_text_atomic
+from lorafit.diagnose.curves import CurveMonitor, has_learning_curve
+from lorafit.finish import finish_run
 from lorafit.models import block_linear_names, load_model, quantize_block_linears
-from lorafit.report import write_report
 from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, to_dict
-from lorafit.train.checkpoint import (
-    TrainerState,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
-from lorafit.train.metrics_log import MetricsLog
+from lorafit.run_dir import MetricsLog, RunDir
+from lorafit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from lorafit.train.schedule import make_scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,25 +52,53 @@ class RunResult:
     eval_base: dict[str, Any] | None = None  # the base model (adapter off) when training started from a saved adapter
 
 
-def begin_run(config: RunConfig) -> RunResult:
+@dataclass
+class RunState:
+    """One run while it trains: its config and folder, model and tokenizer, optimisation, where training stands,
+    the metrics log, the live loss-curve monitor, and the result (phase timings via `timed`, evaluations)."""
+
+    config: RunConfig
+    folder: RunDir
+    result: RunResult
+    model: Any = None
+    tokenizer: Any = None
+    opt: Optimisation | None = None
+    trainer: TrainerState = field(default_factory=TrainerState)
+    log: MetricsLog | None = None
+    monitor: CurveMonitor | None = None
+    resume: bool = False  # continue from the newest checkpoint in the folder
+    total_steps: int = 0
+    last_s: dict[str, float] = field(default_factory=dict)  # the latest duration of each timed phase
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Time the block: its seconds are added to result.phases[name + '_s'] (a phase inside the loop adds up
+        over the steps) and kept in last_s[name + '_s'] for the step's metrics row."""
+        key, clock = f"{name}_s", time.perf_counter()
+        try:
+            yield
+        finally:
+            self.last_s[key] = time.perf_counter() - clock
+            self.result.phases[key] = self.result.phases.get(key, 0.0) + self.last_s[key]
+
+
+def begin_run(config: RunConfig, resume: bool = False) -> RunState:
     """Print the config checks, create the run folder, record the resolved config there and seed torch."""
     print(format_checks(check_run_config(config)))
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    folder = RunDir(config.output_dir)
+    folder.write_config(to_dict(config))
     torch.manual_seed(config.training.seed)
-    return RunResult(output_dir=out, steps=0)
+    return RunState(config=config, folder=folder, result=RunResult(output_dir=folder.path, steps=0), resume=resume)
 
 
-def load_base_model(config: RunConfig, result: RunResult) -> tuple[Any, Any]:
-    """(model, tokenizer) of config.model in config.dtype, its block linears in NF4 when config.quantize says so
-    (except with LoftQ, which quantises while it initialises: see attach_adapter); time in phases['load_model_s']."""
-    clock = time.perf_counter()
-    quantize = None if _adapter_init(config) == "loftq" else config.quantize
-    model, tokenizer = load_model(config.model, dtype=DTYPES[config.dtype], quantize=quantize,
-                                  double_quant=config.double_quant)
-    result.phases["load_model_s"] = time.perf_counter() - clock
-    return model, tokenizer
+def load_base_model(state: RunState) -> None:
+    """state.model, state.tokenizer: config.model in config.dtype, its block linears in NF4 when config.quantize says
+    so (except with LoftQ, which quantises while it initialises: see attach_adapter); timed as load_model."""
+    config = state.config
+    with state.timed("load_model"):
+        quantize = None if _adapter_init(config) == "loftq" else config.quantize
+        state.model, state.tokenizer = load_model(config.model, dtype=DTYPES[config.dtype], quantize=quantize,
+                                                  double_quant=config.double_quant)
 
 
 def attach_adapter(model: nn.Module, config: RunConfig) -> None:
@@ -127,23 +151,31 @@ class Optimisation:
         return grad_norm, lr
 
 
+def start_training(state: RunState, total_steps: int, updates_per_step: int = 1) -> None:
+    """AdamW and its schedule over total_steps x updates_per_step optimiser steps; restore the newest checkpoint when
+    resuming (metrics past it are dropped), else start a fresh metrics log; the live loss-curve monitor for methods
+    whose loss is a learning curve; a fresh peak-memory window for the first step."""
+    config = state.config
+    state.total_steps = total_steps
+    state.opt = make_optimisation(state.model, config.training, total_steps * updates_per_step)
+    state.log = state.folder.metrics_log()
+    checkpoints = state.folder.list_checkpoints() if state.resume else []
+    if checkpoints:
+        state.trainer = load_checkpoint(checkpoints[-1], state.model, state.opt.optimizer, state.opt.scheduler)
+        print(f"resumed from {checkpoints[-1]} at step {state.trainer.step}")
+    state.log.truncate_after(state.trainer.step)
+    state.result.steps = state.trainer.step
+    if has_learning_curve(config.method):
+        state.monitor = CurveMonitor(to_dict(config))  # warns live the first time a loss-curve pattern shows
+    state.model.train()
+    reset_peak_memory(state.model.device)
+
+
 def make_optimisation(model: nn.Module, t: TrainingConfig, total_updates: int) -> Optimisation:
     """AdamW (lr, weight decay from `t`) and a warmup + decay schedule over `total_updates` optimiser steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     return Optimisation(params, optimizer, make_scheduler(optimizer, total_updates, t.warmup_steps, t.schedule))
-
-
-def start_or_resume(out: Path, model: nn.Module, opt: Optimisation, resume: bool) -> tuple[TrainerState, MetricsLog]:
-    """Restore the newest checkpoint when resuming (metrics past it are dropped), else start a fresh metrics log."""
-    log = MetricsLog(out / "metrics.jsonl")
-    if resume and (checkpoints := list_checkpoints(out)):
-        state = load_checkpoint(checkpoints[-1], model, opt.optimizer, opt.scheduler)
-        log.truncate_after(state.step)
-        print(f"resumed from {checkpoints[-1]} at step {state.step}")
-        return state, log
-    log.truncate_after(0)
-    return TrainerState(), log
 
 
 def check_finite(loss: float, step: int) -> None:
@@ -153,45 +185,41 @@ def check_finite(loss: float, step: int) -> None:
                                "Lower training.lr or set training.max_grad_norm.")
 
 
-def end_step(row: dict[str, Any], *, out: Path, log: MetricsLog, model: nn.Module, opt: Optimisation,
-             state: TrainerState, t: TrainingConfig, total_steps: int, force_log: bool = False,
-             monitor: CurveMonitor | None = None) -> None:
-    """Log the step's row (every log_every steps, the last step, or when forced) and write a checkpoint when due;
-    the live loss-curve monitor warns the first time a pattern (spike, plateau, ...) shows."""
-    if state.step % t.log_every == 0 or force_log or state.step == total_steps:
-        log.append(row)
-        for finding in monitor.observe(row) if monitor else []:
-            tqdm.write(f"diagnosis at step {state.step}: {finding.pattern}: {finding.advice}")
-    if t.save_every and state.step % t.save_every == 0 and state.step < total_steps:
-        save_checkpoint(out, model, opt.optimizer, opt.scheduler, state, t.keep_checkpoints)
+def end_step(state: RunState, row: dict[str, Any], force_log: bool = False) -> None:
+    """After step state.trainer.step: log its row (every log_every steps, the last step, or when forced) with the
+    peak memory since the previous row, and write a checkpoint when due; the live loss-curve monitor warns the first
+    time a pattern (spike, plateau, ...) shows. result.steps counts the steps done."""
+    t, step = state.config.training, state.trainer.step
+    if step % t.log_every == 0 or force_log or step == state.total_steps:
+        row.update(peak_memory_mib(state.model.device))
+        reset_peak_memory(state.model.device)
+        state.log.append(row)
+        for finding in state.monitor.observe(row) if state.monitor else []:
+            tqdm.write(f"diagnosis at step {step}: {finding.pattern}: {finding.advice}")
+    if t.save_every and step % t.save_every == 0 and step < state.total_steps:
+        save_checkpoint(state.folder.path, state.model, state.opt.optimizer, state.opt.scheduler, state.trainer,
+                        t.keep_checkpoints)
+    state.result.steps = step
 
 
-def save_final_adapter(model: nn.Module, config: RunConfig, result: RunResult) -> None:
+def save_final_adapter(state: RunState) -> None:
     """Write the trained adapter to OUTPUT/adapter (PEFT format)."""
-    save_adapter(model, result.output_dir / "adapter", base_model_name_or_path=config.model)
-    print(f"adapter saved to {result.output_dir / 'adapter'}")
+    save_adapter(state.model, state.folder.adapter, base_model_name_or_path=state.config.model)
+    print(f"adapter saved to {state.folder.adapter}")
 
 
-def write_report_files(out: Path, diagnose: bool) -> None:
-    """diagnosis.json (the loss-curve diagnosis, when `diagnose`) and report.html with its PNGs. A failure here
-    only warns: the adapter and metrics are already written, and `lorafit report DIR` can retry."""
-    try:
-        diagnosis = None
-        if diagnose:
-            found = diagnose_run(out)
-            diagnosis = found.to_json()
-            write_json_atomic(out / "diagnosis.json", diagnosis)
-            print(found.to_text())
-        print(f"report written to {write_report(out, diagnosis=diagnosis)}")
-    except Exception as err:  # noqa: BLE001 - the run's results are safe; the report is a view of them
-        print(f"warning: the report could not be written ({type(err).__name__}: {err}); "
-              f"retry with `lorafit report {out}`.")
-
-
-def write_summary(result: RunResult) -> None:
-    """summary.json: steps, final loss, phase times and the evaluations."""
+def finish(state: RunState) -> RunResult:
+    """summary.json, then the diagnosis and report (finish_run). A failure of the report only warns: the adapter,
+    metrics and summary are already written, and `lorafit report DIR` can retry."""
+    result = state.result
     summary = {"steps": result.steps, "final_loss": result.final_loss, "phases_s": result.phases,
                "eval_before": result.eval_before, "eval_after": result.eval_after}
     if result.eval_base is not None:
         summary["eval_base"] = result.eval_base
-    write_json_atomic(result.output_dir / "summary.json", summary)
+    state.folder.write_summary(summary)
+    try:
+        finish_run(state.folder.path)
+    except Exception as err:  # noqa: BLE001 - the run's results are safe; the report is a view of them
+        print(f"warning: the report could not be written ({type(err).__name__}: {err}); "
+              f"retry with `lorafit report {state.folder.path}`.")
+    return result

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.device import CHUNK_ROWS
+
 IGNORE = -100
-CHUNK_ROWS = 512
 
 
 class _HeadCrossEntropy(torch.autograd.Function):

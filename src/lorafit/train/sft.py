@@ -18,10 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from lorafit.data import Example
-from lorafit.diagnose.curves import CurveMonitor
 from lorafit.evaluation.generate import generate_responses
 from lorafit.evaluation.metrics import score
-from lorafit.run_config import EvaluationConfig, RunConfig, to_dict
+from lorafit.run_config import EvaluationConfig, RunConfig
 from lorafit.train import loop
 from lorafit.train.batches import (
     Dataset,
@@ -37,75 +36,59 @@ from lorafit.train.loss import target_loss_sum
 
 def train(config: RunConfig, *, resume: bool = False) -> RunResult:
     """Run supervised fine-tuning as `config` says; the adapter lands in OUTPUT/adapter (PEFT format)."""
-    result = loop.begin_run(config)
-    out = result.output_dir
-    t = config.training
-    model, tokenizer = loop.load_base_model(config, result)
-
-    clock = time.perf_counter()
-    data = config.data
-    train_set = prepare_rows(data.train, tokenizer, max_seq_len=data.max_seq_len, packing=data.packing,
-                             assistant_only=data.assistant_only)
-    eval_set = prepare_rows(data.eval, tokenizer, max_seq_len=data.max_seq_len, packing=data.packing,
-                            assistant_only=data.assistant_only) if data.eval else None
-    _print_data_summary("train", train_set)
-    result.phases["prepare_data_s"] = time.perf_counter() - clock
-
-    loop.attach_adapter(model, config)
-    device = model.device
+    state = loop.begin_run(config, resume)
+    result, t, data = state.result, config.training, config.data
+    loop.load_base_model(state)
+    with state.timed("prepare_data"):
+        train_set = prepare_rows(data.train, state.tokenizer, max_seq_len=data.max_seq_len, packing=data.packing,
+                                 assistant_only=data.assistant_only)
+        eval_set = prepare_rows(data.eval, state.tokenizer, max_seq_len=data.max_seq_len, packing=data.packing,
+                                assistant_only=data.assistant_only) if data.eval else None
+        _print_data_summary("train", train_set)
+    loop.attach_adapter(state.model, config)
+    model, device = state.model, state.model.device
     use_bf16 = loop.use_bf16(t, device)
 
     gen_eval = config.evaluation.generation and data.eval is not None
     if gen_eval and not resume:
-        clock = time.perf_counter()
-        result.eval_before = generation_eval(model, tokenizer, eval_set.examples, config.evaluation)
-        result.phases["eval_before_s"] = time.perf_counter() - clock
+        with state.timed("eval_before"):
+            result.eval_before = generation_eval(model, state.tokenizer, eval_set.examples, config.evaluation)
         print(f"before training: {_describe(result.eval_before)}")
 
     micro = t.micro_batch_size or t.batch_size
     per_epoch = steps_per_epoch(len(train_set.rows), t.batch_size)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
-    opt = loop.make_optimisation(model, t, total_steps)
-    state, log = loop.start_or_resume(out, model, opt, resume)
-
-    clock = time.perf_counter()
-    model.train()
-    pad = tokenizer.pad_token_id
+    loop.start_training(state, total_steps=t.max_steps or max(1, math.ceil(t.epochs * per_epoch)))
+    progress = state.trainer
+    pad = state.tokenizer.pad_token_id
     eval_batches = fixed_batches(eval_set.rows, micro, pad) if eval_set else []  # collated once, reused each eval
-    monitor = CurveMonitor(to_dict(config))  # warns live the first time a loss-curve pattern shows
-    with tqdm(total=total_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True) as bar:
-        while state.step < total_steps:
+    with state.timed("train"), tqdm(total=state.total_steps, initial=progress.step, desc="training", unit="step",
+                                    dynamic_ncols=True) as bar:
+        while progress.step < state.total_steps:
             step_start = time.perf_counter()
-            batches = step_micro_batches(train_set.rows, state.step, batch_size=t.batch_size, micro_batch_size=micro,
-                                         seed=t.seed, pad_token_id=pad)
+            batches = step_micro_batches(train_set.rows, progress.step, batch_size=t.batch_size,
+                                         micro_batch_size=micro, seed=t.seed, pad_token_id=pad)
             loss, tokens = train_step(model, batches, device, use_bf16)
-            loop.check_finite(loss, state.step + 1)
-            grad_norm, lr = opt.step(t.max_grad_norm)
-            state.step += 1
-            state.tokens_seen += tokens
+            loop.check_finite(loss, progress.step + 1)
+            grad_norm, lr = state.opt.step(t.max_grad_norm)
+            progress.step += 1
+            progress.tokens_seen += tokens
             speed = tokens / (time.perf_counter() - step_start)
-            row = {"step": state.step, "epoch": round(state.step / per_epoch, 4), "loss": loss, "lr": lr,
-                   "grad_norm": grad_norm, "tokens_per_s": round(speed, 1), "tokens_seen": state.tokens_seen}
-            if eval_batches and config.evaluation.every and (state.step % config.evaluation.every == 0
-                                                             or state.step == total_steps):
+            row = {"step": progress.step, "epoch": round(progress.step / per_epoch, 4), "loss": loss, "lr": lr,
+                   "grad_norm": grad_norm, "tokens_per_s": round(speed, 1), "tokens_seen": progress.tokens_seen}
+            if eval_batches and config.evaluation.every and (progress.step % config.evaluation.every == 0
+                                                             or progress.step == state.total_steps):
                 row["eval_loss"] = eval_loss(model, eval_batches, device, use_bf16)
-            loop.end_step(row, out=out, log=log, model=model, opt=opt, state=state, t=t, total_steps=total_steps,
-                          force_log="eval_loss" in row, monitor=monitor)
+            loop.end_step(state, row, force_log="eval_loss" in row)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}", refresh=False)
             bar.update(1)
             result.final_loss = loss
-    result.phases["train_s"] = time.perf_counter() - clock
-    result.steps = state.step
 
-    loop.save_final_adapter(model, config, result)
+    loop.save_final_adapter(state)
     if gen_eval:
-        clock = time.perf_counter()
-        result.eval_after = generation_eval(model, tokenizer, eval_set.examples, config.evaluation)
-        result.phases["eval_after_s"] = time.perf_counter() - clock
+        with state.timed("eval_after"):
+            result.eval_after = generation_eval(model, state.tokenizer, eval_set.examples, config.evaluation)
         print(_side_by_side(result.eval_before, result.eval_after))
-    loop.write_summary(result)
-    loop.write_report_files(out, diagnose=True)
-    return result
+    return loop.finish(state)
 
 
 def train_step(model: Any, batches: list[MicroBatch], device: torch.device, use_bf16: bool) -> tuple[float, int]:
