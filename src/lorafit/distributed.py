@@ -262,8 +262,9 @@ def wrap(model: nn.Module, strategy: str, *, reshard_after_forward: bool = True,
     """Make `model` train on every rank: returns a callable module, `wrapped(fn, *args)` = fn(model, *args).
 
     - ddp: DistributedDataParallel with find_unused_parameters=False (every adapter is used every step; works
-      with non-reentrant gradient checkpointing, which lorafit uses). DDP broadcasts rank 0's parameters and
-      buffers at construction, so all replicas start equal.
+      with non-reentrant gradient checkpointing, which lorafit uses); gradients are views into DDP's all-reduce
+      buckets (no second copy). DDP broadcasts rank 0's parameters and buffers at construction, so all replicas
+      start equal.
     - fsdp: FSDP2 `fully_shard` on each decoder block (reshard_after_forward as given), then on the root with
       reshard_after_forward=False (its embeddings and head are needed at both ends of the step). Frozen base
       weights, 4-bit storage (Linear4bit's uint8 codes and scales are plain parameters) and adapters are all
@@ -283,7 +284,7 @@ def wrap(model: nn.Module, strategy: str, *, reshard_after_forward: bool = True,
         return runner
     if strategy == "ddp":
         return DistributedDataParallel(runner, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                                       find_unused_parameters=False)
+                                       find_unused_parameters=False, gradient_as_bucket_view=True)
     for name, param in model.named_parameters():
         if param.requires_grad:
             broadcast_(param.data)

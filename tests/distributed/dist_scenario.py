@@ -25,13 +25,15 @@ from lorafit.train.loss import target_loss_sum
 
 NUM_ROWS, BATCH, MICRO, STEPS, SEED = 15, 5, 2, 4, 0  # 5 rows a step: ranks get 3 and 2 (and a filler micro-batch)
 LR, MAX_NORM, PAD = 2e-2, 0.25, 0  # the norm is 0.19-0.32: some steps clip
-SCENARIOS = [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)]
-RESUMED = [("ddp", False), ("fsdp", True)]  # also run as 2 steps + checkpoint, then resumed for the rest
+# <strategy>-<base>[-dora][-ckpt]: DoRA adapters, non-reentrant gradient checkpointing
+SCENARIOS = ["ddp-fp32", "ddp-nf4", "fsdp-fp32", "fsdp-nf4", "ddp-fp32-dora-ckpt", "fsdp-nf4-dora-ckpt"]
+RESUMED = ["ddp-fp32", "fsdp-nf4"]  # also run as 2 steps + checkpoint, then resumed for the rest
 CHECKPOINT_STEP = 2
 
 
-def scenario_name(strategy: str, quantized: bool) -> str:
-    return f"{strategy}-{'nf4' if quantized else 'fp32'}"
+def reference_name(name: str) -> str:
+    """The 1-process run a scenario must equal: the same model and adapter, no strategy."""
+    return name.split("-", 1)[1]
 
 
 def make_rows() -> list[TokenizedExample]:
@@ -45,21 +47,26 @@ def make_rows() -> list[TokenizedExample]:
     return rows
 
 
-def build_model(quantized: bool) -> torch.nn.Module:
-    """The tiny Llama (fixed seed), its block linears in NF4 when `quantized`, with a LoRA adapter (fixed seed)."""
+def build_model(name: str) -> torch.nn.Module:
+    """The tiny Llama (fixed seed), its block linears in NF4 for '-nf4', with a LoRA (or DoRA) adapter (fixed seed)."""
     model = build_tiny("llama")
-    if quantized:
+    if "nf4" in name.split("-"):
         quantize_block_linears(model, compute_dtype=torch.float32)
     torch.manual_seed(1)
-    return attach(model, AdapterConfig(r=4, alpha=8, dropout=0.0), warn_scale=False)
+    attach(model, AdapterConfig(r=4, alpha=8, dropout=0.0, use_dora="dora" in name.split("-")), warn_scale=False)
+    if "ckpt" in name.split("-"):
+        model.train()  # transformers checkpoints blocks in training mode only (dropout is 0 everywhere)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
-def train(strategy: str, quantized: bool, out: Path, *, start: int = 0, stop: int = STEPS,
+def train(name: str, out: Path, *, start: int = 0, stop: int = STEPS,
           resume_from: Path | None = None, checkpoint_at: int | None = None) -> torch.nn.Module:
     """Train steps start..stop-1; every rank writes out/rank<r>.json, rank 0 the adapter (out/adapter) and, after
     step `checkpoint_at`, a checkpoint (out/checkpoint: adapter + optimizer state by name); resume_from reads one."""
     ctx = distributed.context()
-    model = build_model(quantized)
+    strategy = name.split("-")[0] if name.split("-")[0] in distributed.STRATEGIES else "ddp"  # 1 process: no wrapper
+    model = build_model(name)
     if resume_from is not None:
         load_adapter_weights(model, resume_from / "adapter")
     bytes_full = distributed.local_parameter_bytes(model)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_scenario import CHECKPOINT_STEP, RESUMED, SCENARIOS, STEPS, build_model, scenario_name, train
+from dist_scenario import CHECKPOINT_STEP, RESUMED, SCENARIOS, STEPS, build_model, reference_name, train
 from safetensors.torch import load_file
 from tiny_models import VOCAB, build_tiny
 
@@ -24,7 +24,6 @@ from lorafit import distributed
 from lorafit.adapters.io import WEIGHTS_NAME, load_adapter
 
 HERE = Path(__file__).parent
-NAMES = [scenario_name(s, q) for s, q in SCENARIOS]
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +40,8 @@ def runs(tmp_path_factory):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert distributed.world_size() == 1  # the references below run without a process group
     references = {}
-    for quantized in (False, True):
-        name = "nf4" if quantized else "fp32"
-        references[name] = train("ddp", quantized, out / "one" / name)
+    for name in sorted({reference_name(n) for n in SCENARIOS}):
+        references[name] = train(name, out / "one" / name)
     return out, references
 
 
@@ -51,14 +49,10 @@ def record(folder: Path, rank: int) -> dict:
     return json.loads((folder / f"rank{rank}.json").read_text())
 
 
-def kind(name: str) -> str:
-    return name.split("-")[1]
-
-
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_losses_and_grad_norms_equal_one_process(runs, name):
     out, _ = runs
-    one = record(out / "one" / kind(name), 0)
+    one = record(out / "one" / reference_name(name), 0)
     for rank in (0, 1):
         two = record(out / "two" / name, rank)
         loss_diff = max(abs(a - b) / abs(b) for a, b in zip(two["losses"], one["losses"]))
@@ -70,12 +64,13 @@ def test_losses_and_grad_norms_equal_one_process(runs, name):
     assert any(norm > 0.25 for norm in one["norms"]) and len(set(one["losses"])) == STEPS  # clipping is exercised
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_saved_adapter_equals_one_process_and_loads_in_peft(runs, name):
     out, references = runs
     peft = pytest.importorskip("peft")
-    two, one = load_file(str(out / "two" / name / "adapter" / WEIGHTS_NAME)), load_file(str(out / "one" / kind(name) / "adapter" / WEIGHTS_NAME))
-    assert sorted(two) == sorted(one) and len(two) == 28  # 7 linears x 2 blocks x (A, B)
+    two, one = load_file(str(out / "two" / name / "adapter" / WEIGHTS_NAME)), load_file(str(out / "one" / reference_name(name) / "adapter" / WEIGHTS_NAME))
+    per_layer = 3 if "dora" in name else 2  # A, B (and DoRA's magnitude)
+    assert sorted(two) == sorted(one) and len(two) == 7 * 2 * per_layer  # 7 linears x 2 blocks
     diff = max((two[k] - one[k]).abs().max().item() for k in one)
     print(f"{name}: max |adapter 2 processes - 1 process| = {diff:.1e}")
     assert diff <= 1e-5
@@ -84,13 +79,13 @@ def test_saved_adapter_equals_one_process_and_loads_in_peft(runs, name):
     with torch.no_grad():
         theirs = peft.PeftModel.from_pretrained(build_tiny("llama"), str(out / "two" / name / "adapter")).eval()(ids).logits
         ours = load_adapter(build_tiny("llama"), out / "two" / name / "adapter")(ids).logits
-        trained = references[kind(name)](lambda model, x: model(x).logits, ids)
+        trained = references[reference_name(name)](lambda model, x: model(x).logits, ids)
     assert (theirs - ours).abs().max().item() <= 1e-5
-    if kind(name) == "fp32":  # the trained 1-process model itself (a 4-bit one has another base than PEFT's)
+    if reference_name(name).startswith("fp32"):  # the trained 1-process model itself (a 4-bit one has another base than PEFT's)
         assert (theirs - trained).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("fsdp")])
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if n.startswith("fsdp")])
 def test_every_rank_shard_reaches_the_file(runs, name):
     """Each rank filled its own dim-0 shard with rank + 1 before saving: rank 0's rows hold 1, rank 1's rows 2."""
     out, _ = runs
@@ -100,10 +95,10 @@ def test_every_rank_shard_reaches_the_file(runs, name):
         assert torch.all(tensor[:split] == 1) and torch.all(tensor[split:] == 2), key
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_ranks_see_disjoint_shares_covering_each_step(runs, name):
     out, _ = runs
-    one = record(out / "one" / kind(name), 0)
+    one = record(out / "one" / reference_name(name), 0)
     rank0, rank1 = record(out / "two" / name, 0), record(out / "two" / name, 1)
     for step, rows in enumerate(one["seen"]):
         assert not set(rank0["seen"][step]) & set(rank1["seen"][step])
@@ -112,14 +107,14 @@ def test_ranks_see_disjoint_shares_covering_each_step(runs, name):
     assert rank0["micro_batches"] == rank1["micro_batches"] == [2] * STEPS  # rank 1 runs a filler micro-batch
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("ddp")])
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if n.startswith("ddp")])
 def test_ddp_replicas_hold_identical_adapters_after_every_step(runs, name):
     out, _ = runs
     for rank in (0, 1):
         assert record(out / "two" / name, rank)["replica_diff"] == [0.0] * STEPS
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_fsdp_halves_the_parameter_bytes_per_rank(runs, name):
     out, _ = runs
     for rank in (0, 1):
@@ -134,14 +129,13 @@ def test_fsdp_halves_the_parameter_bytes_per_rank(runs, name):
         assert r["bytes_full"] < 0.65 * record(out / "two" / "fsdp-fp32", 0)["bytes_full"]
 
 
-@pytest.mark.parametrize("strategy,quantized", RESUMED)
-def test_resume_on_two_processes_and_on_one_equals_the_uninterrupted_run(runs, tmp_path, strategy, quantized):
+@pytest.mark.parametrize("name", RESUMED)
+def test_resume_on_two_processes_and_on_one_equals_the_uninterrupted_run(runs, tmp_path, name):
     """A 2-process run checkpointed after CHECKPOINT_STEP steps, resumed on 2 processes and on 1 process."""
     out, _ = runs
-    name = scenario_name(strategy, quantized)
     whole = record(out / "two" / name, 0)["losses"]
     resumed_two = record(out / "two" / f"{name}-resumed", 0)["losses"]
-    train(strategy, quantized, tmp_path, start=CHECKPOINT_STEP, resume_from=out / "two" / f"{name}-first" / "checkpoint")
+    train(name, tmp_path, start=CHECKPOINT_STEP, resume_from=out / "two" / f"{name}-first" / "checkpoint")
     resumed_one = record(tmp_path, 0)["losses"]
     print(f"{name}: uninterrupted {whole[CHECKPOINT_STEP:]}, resumed on 2 {resumed_two}, on 1 {resumed_one}")
     torch.testing.assert_close(resumed_two, whole[CHECKPOINT_STEP:], rtol=1e-6, atol=0)
@@ -153,7 +147,7 @@ def test_resume_on_two_processes_and_on_one_equals_the_uninterrupted_run(runs, t
 
 def test_the_4bit_base_is_sharded_not_replicated(runs):
     """Sanity on the scenario itself: the quantised model's Linear4bit state is parameters that FSDP2 can shard."""
-    model = build_model(quantized=True)
+    model = build_model("fsdp-nf4")
     layer = model.model.layers[0].self_attn.q_proj.base_layer
     assert [p.dtype for p in layer.quant_parameters()] == [torch.uint8, torch.uint8, torch.float32, torch.float32]
     assert not any(p.requires_grad for p in layer.quant_parameters())
