@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -114,6 +115,13 @@ def _env_int(name: str, default: int) -> int:
     except ValueError:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer; torchrun sets it, "
                           "or unset it for a single-process run.") from None
+
+
+def record_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator for the entry point run by torchrun: an exception on one rank is reported by torchrun with that
+    rank and its traceback, and torchrun ends the other ranks (which would otherwise wait in their next collective
+    until the timeout)."""
+    return record(fn)
 
 
 def shutdown() -> None:

@@ -1,4 +1,7 @@
-"""Entry point for `torchrun --nproc-per-node 2 run_scenarios.py OUT`: every scenario of dist_scenario, once."""
+"""Entry point for `torchrun --nproc-per-node 2 run_scenarios.py OUT ONE`: every scenario of dist_scenario, once.
+
+ONE holds checkpoints of 1-process runs (ONE/<scenario>/checkpoint) that are resumed here on 2 processes.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from dist_scenario import CHECKPOINT_STEP, RESUMED, SCENARIOS, save_rank_marked_
 from lorafit import distributed
 
 
-def main(out: Path) -> None:
+@distributed.record_errors
+def main(out: Path, one_process_checkpoints: Path) -> None:
     distributed.init(timeout_minutes=5)
     for name in SCENARIOS:
         wrapped = train(name, out / name)
@@ -19,8 +23,10 @@ def main(out: Path) -> None:
     for name in RESUMED:  # interrupted after CHECKPOINT_STEP steps, then resumed on 2 processes
         train(name, out / f"{name}-first", stop=CHECKPOINT_STEP, checkpoint_at=CHECKPOINT_STEP)
         train(name, out / f"{name}-resumed", start=CHECKPOINT_STEP, resume_from=out / f"{name}-first" / "checkpoint")
+        train(name, out / f"{name}-from-one", start=CHECKPOINT_STEP,  # a checkpoint written by a 1-process run
+              resume_from=one_process_checkpoints / name / "checkpoint")
     distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

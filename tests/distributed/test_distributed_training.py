@@ -11,11 +11,12 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from dist_scenario import CHECKPOINT_STEP, RESUMED, SCENARIOS, STEPS, build_model, reference_name, train
+from dist_scenario import CHECKPOINT_STEP, RESUMED, SCENARIOS, STEPS, reference_name, train
 from safetensors.torch import load_file
 from tiny_models import VOCAB, build_tiny
 
@@ -34,11 +35,13 @@ def runs(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(HERE.parent), str(HERE)]), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    assert distributed.world_size() == 1  # the 1-process runs below have no process group
+    for name in RESUMED:  # checkpoints of 1-process runs, which the 2-process launch resumes
+        train(name, out / "one-first" / name, stop=CHECKPOINT_STEP, checkpoint_at=CHECKPOINT_STEP)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(HERE / "run_scenarios.py"), str(out / "two")]
+               str(HERE / "run_scenarios.py"), str(out / "two"), str(out / "one-first")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert distributed.world_size() == 1  # the references below run without a process group
     references = {}
     for name in sorted({reference_name(n) for n in SCENARIOS}):
         references[name] = train(name, out / "one" / name)
@@ -131,7 +134,8 @@ def test_fsdp_halves_the_parameter_bytes_per_rank(runs, name):
 
 @pytest.mark.parametrize("name", RESUMED)
 def test_resume_on_two_processes_and_on_one_equals_the_uninterrupted_run(runs, tmp_path, name):
-    """A 2-process run checkpointed after CHECKPOINT_STEP steps, resumed on 2 processes and on 1 process."""
+    """A 2-process run checkpointed after CHECKPOINT_STEP steps, resumed on 2 processes and on 1 process; and a
+    1-process run's checkpoint resumed on 2 processes."""
     out, _ = runs
     whole = record(out / "two" / name, 0)["losses"]
     resumed_two = record(out / "two" / f"{name}-resumed", 0)["losses"]
@@ -140,14 +144,24 @@ def test_resume_on_two_processes_and_on_one_equals_the_uninterrupted_run(runs, t
     print(f"{name}: uninterrupted {whole[CHECKPOINT_STEP:]}, resumed on 2 {resumed_two}, on 1 {resumed_one}")
     torch.testing.assert_close(resumed_two, whole[CHECKPOINT_STEP:], rtol=1e-6, atol=0)
     torch.testing.assert_close(resumed_one, whole[CHECKPOINT_STEP:], rtol=1e-5, atol=0)
+    from_one = record(out / "two" / f"{name}-from-one", 0)["losses"]  # a 1-process checkpoint resumed on 2
+    torch.testing.assert_close(from_one, whole[CHECKPOINT_STEP:], rtol=1e-5, atol=0)
     final_two = load_file(str(out / "two" / name / "adapter" / WEIGHTS_NAME))
     final_one = load_file(str(tmp_path / "adapter" / WEIGHTS_NAME))
     assert max((final_two[k] - final_one[k]).abs().max().item() for k in final_two) <= 1e-5
 
 
-def test_the_4bit_base_is_sharded_not_replicated(runs):
-    """Sanity on the scenario itself: the quantised model's Linear4bit state is parameters that FSDP2 can shard."""
-    model = build_model("fsdp-nf4")
-    layer = model.model.layers[0].self_attn.q_proj.base_layer
-    assert [p.dtype for p in layer.quant_parameters()] == [torch.uint8, torch.uint8, torch.float32, torch.float32]
-    assert not any(p.requires_grad for p in layer.quant_parameters())
+def test_an_error_on_one_rank_ends_every_rank_with_that_error(tmp_path):
+    """Rank 1 raises while rank 0 waits in a barrier: torchrun stops rank 0 and reports rank 1's error (no hang)."""
+    src = Path(lorafit.__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(HERE)]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(HERE / "fail_on_one_rank.py")]
+    started = time.monotonic()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - started
+    print(f"failing launch ended after {elapsed:.1f} s with exit code {result.returncode}")
+    assert result.returncode != 0
+    assert "rank 1 failed on purpose" in result.stdout + result.stderr
+    assert "rank      : 1" in result.stderr  # torchrun's failure summary names the failing rank
+    assert elapsed < 120  # far below the 10-minute collective timeout the script sets

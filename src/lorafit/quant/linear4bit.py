@@ -123,8 +123,8 @@ class Linear4bit(nn.Module):
             moved = fn(t)
             if id(t) not in state or moved.dtype == state[id(t)]:
                 return moved
-            if state[id(t)] == torch.uint8 and t is self.weight:
-                raise QuantizationError(f"Linear4bit holds packed uint8 NF4 codes; a conversion to {moved.dtype} is not "
+            if state[id(t)] == torch.uint8:
+                raise QuantizationError(f"Linear4bit holds uint8 NF4 codes; a conversion to {moved.dtype} is not "
                                         "possible (use dequantize() to get a float weight).")
             return t.to(moved.device)
 
