@@ -293,7 +293,7 @@ def wrap(model: nn.Module, strategy: str, *, reshard_after_forward: bool = True,
     if strategy == "ddp":
         return DistributedDataParallel(runner, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                                        find_unused_parameters=False, gradient_as_bucket_view=True)
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             broadcast_(param.data)
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
