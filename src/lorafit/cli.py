@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--grad-checkpointing", action="store_true")
     memory.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     memory.add_argument("--optimizer", choices=("adamw", "adamw-8bit", "sgd"), default="adamw")
+    memory.add_argument("--gpus", type=int, default=1, help="processes (GPUs) the run uses; the estimate is per process")
+    memory.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="ddp replicates, fsdp shards N ways")
     memory.set_defaults(handler=_estimate_memory)
     return parser
 
@@ -167,7 +169,7 @@ def _estimate_memory(args: argparse.Namespace) -> int:
 
     estimate = estimate_memory(args.model, method=args.method, r=args.r, batch=args.batch, seq=args.seq,
                                grad_checkpointing=args.grad_checkpointing, precision=args.precision,
-                               optimizer=args.optimizer)
+                               optimizer=args.optimizer, gpus=args.gpus, strategy=args.strategy)
     print(estimate.to_text())
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +44,20 @@ class AdapterFileError(ValueError):
 
 
 def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path: str | None = None,
-                 convert_pissa: bool = True) -> Path:
+                 convert_pissa: bool = True, parameters: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter of `model` to folder `path` atomically, in PEFT's layout.
 
     A PiSSA adapter is by default converted to a plain LoRA adapter of rank 2r that applies to the original,
     unmodified base (PEFT's conversion). convert_pissa=False keeps the residual form: A and B as trained with
     init 'pissa' in the config, so loading (lorafit or PEFT) re-runs the SVD on the original base to rebuild the
     residual first; exact for 'pissa', while 'pissa_niter_K' depends on the randomised SVD's seed (lorafit seeds
-    it, PEFT does not), so share converted adapters.
+    it, PEFT does not), so share converted adapters. `parameters` (parameter name -> full tensor) replaces the
+    model's own tensors: lorafit.distributed passes the adapter gathered from every rank's shards.
     """
     config = adapter_config(model)
     if config is None:
         raise ConfigError("this model has no lorafit adapter to save: call lorafit.attach(model, config) first.")
-    tensors = adapter_state_dict(model)
+    tensors = adapter_state_dict(model, parameters)
     peft_config = to_peft_config(config, model, base_model_name_or_path)
     if config.is_pissa and convert_pissa:
         tensors, peft_config = pissa_as_lora(model, tensors, peft_config)
@@ -66,18 +68,25 @@ def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path:
     return path
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable adapter tensors under PEFT's saved key names (contiguous, unshared copies)."""
+def adapter_state_dict(model: nn.Module, parameters: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The trainable adapter tensors under PEFT's saved key names (contiguous, unshared copies), read from the
+    model or, when given, from `parameters` (parameter name -> tensor)."""
+    source = parameters if parameters is not None else dict(model.named_parameters(remove_duplicate=False))
+    return {KEY_PREFIX + name: source[name].detach().contiguous().clone() for name in adapter_parameter_names(model)}
+
+
+def adapter_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters an adapter file holds: LoRA A and B, DoRA magnitudes, and biases per config.bias."""
     config = adapter_config(model)
     wanted = [".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"]
-    state = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
+    names = []
+    for name, _ in model.named_parameters(remove_duplicate=False):
         is_bias = name.endswith(".bias") and (
             config.bias == "all" or (config.bias == "lora_only" and name.endswith(".base_layer.bias"))
         )
         if is_bias or any(name.endswith(w) for w in wanted):
-            state[KEY_PREFIX + name] = param.detach().contiguous().clone()
-    return state
+            names.append(name)
+    return names
 
 
 def pissa_as_lora(model: nn.Module, tensors: dict[str, torch.Tensor],

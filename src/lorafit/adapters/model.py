@@ -128,7 +128,8 @@ class ParameterReport:
 
 def parameter_report(model: nn.Module) -> ParameterReport:
     """Count trainable and total parameters (shared weights once) and adapters per layer kind."""
-    params = list(model.parameters())  # deduplicated: tied embeddings count once
+    storage = {id(p) for m in model.modules() if isinstance(m, Linear4bit) for p in m.quant_parameters()}
+    params = [p for p in model.parameters() if id(p) not in storage]  # deduplicated: tied embeddings count once
     per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for name, layer in lora_layers(model).items():
         entry = per_kind[name.rsplit(".", 1)[-1]]

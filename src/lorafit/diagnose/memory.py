@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lorafit.adapters.targets import name_matches
 from lorafit.config import ConfigError
+from lorafit.distributed import STRATEGIES
 from lorafit.diagnose.model_shape import (
     ATTENTION_LINEARS,
     BLOCK_LINEARS,
@@ -86,9 +87,16 @@ class MemoryEstimate:
              f"gradient checkpointing {checkpointing}, {'masked (packed)' if s['attention_mask'] else 'unmasked'} "
              "attention"),
         ]
+        gpus, strategy = s.get("gpus", 1), s.get("strategy", "ddp")
+        sharded = strategy == "fsdp" and gpus > 1
+        if gpus > 1:
+            lines.append(f"  per process of {gpus} ({strategy}: "
+                         + ("weights, adapters, gradients and optimizer state sharded)" if sharded else "everything replicated)"))
         notes = {
             "weights": "base model" + (", NF4 + double quant" if s["method"] == "qlora" else f", {s['precision']}"),
             "adapters": "fp32 LoRA A and B" if s["method"] != "full" else "none",
+            **({"weights": f"a 1/{gpus} shard + the gathered root group and 2 blocks"
+                + (" (NF4)" if s["method"] == "qlora" else "")} if sharded else {}),
             "gradients": "of the trained parameters",
             "optimizer": f"{s['optimizer']} state",
             "activations": "kept by autograd for the backward pass",
@@ -116,6 +124,8 @@ def estimate_memory(
     *,
     dropout: float = 0.0,
     attention_mask: bool = True,
+    gpus: int = 1,
+    strategy: str = "ddp",
 ) -> MemoryEstimate:
     """Estimate the memory of one training step; `shape` is a ModelShape or anything `model_shape` reads.
 
@@ -123,15 +133,24 @@ def estimate_memory(
     pass (the micro-batch); every token is counted as a loss target. attention_mask: lorafit's packed rows
     (positions restart per example) and padded rows make transformers pass a mask, so SDPA repeats K/V to all
     heads and keeps a float (batch, seq, seq) mask per layer; False for unpacked rows of equal length.
+    gpus, strategy: memory of one of `gpus` processes (lorafit.distributed). ddp replicates everything, so a rank
+    holds what one process does; fsdp shards weights, adapters, their gradients and optimizer state N ways, plus
+    the unsharded working set of weights while computing: the root group (embeddings, final norm, head), which
+    stays gathered for the whole step, and two blocks (the one computing and the next, prefetched). Activations
+    and logits are per micro-batch on every rank either way.
     """
     shape = shape if isinstance(shape, ModelShape) else model_shape(shape)
     _check_settings(method, r, batch, seq, precision, optimizer, dropout)
+    _check_parallel(gpus, strategy)
     a = PRECISION_BYTES[precision]
     full = method == "full"
     adapted = [set(BLOCK_LINEARS)] * shape.num_layers if full else adapted_linears(shape, targets)
     trainable = _trainable_tensors(shape, adapted, r, full)
     tokens = batch * seq
     weights = sum(_weight_bytes(kind, numel, method, a) for kind, numel in shape.parameter_tensors())
+    shards = gpus if strategy == "fsdp" else 1
+    if shards > 1:
+        weights = fsdp_weight_bytes(shape, method, a, shards)
     activations = activation_bytes(shape, adapted, r=0 if full else r, batch=batch, seq=seq, act_bytes=a,
                                    full=full, grad_checkpointing=grad_checkpointing, dropout=dropout,
                                    attention_mask=attention_mask)
@@ -140,13 +159,13 @@ def estimate_memory(
         "model": shape.name, "parameters": shape.parameter_count(), "vocab_size": shape.vocab_size, "method": method,
         "r": r, "batch": batch, "seq": seq, "grad_checkpointing": grad_checkpointing, "precision": precision,
         "optimizer": optimizer, "targets": targets, "dropout": dropout, "attention_mask": attention_mask,
-        "trainable_parameters": sum(trainable),
+        "trainable_parameters": sum(trainable), "gpus": gpus, "strategy": strategy,
     }
     return MemoryEstimate(
         weights=weights,
-        adapters=0 if full else FP32 * sum(trainable),
-        gradients=(a if full else FP32) * sum(trainable),
-        optimizer=sum(optimizer_state_bytes(optimizer, numel) for numel in trainable),
+        adapters=0 if full else math.ceil(FP32 * sum(trainable) / shards),
+        gradients=math.ceil((a if full else FP32) * sum(trainable) / shards),
+        optimizer=math.ceil(sum(optimizer_state_bytes(optimizer, numel) for numel in trainable) / shards),
         activations=activations,
         logits=hf_logits if full else lorafit_head_bytes(shape, tokens, a),  # the chunked loss needs a frozen head
         logits_hf=hf_logits,
@@ -165,6 +184,18 @@ def adapted_linears(shape: ModelShape, targets: str | list[str]) -> list[set[str
             f"use 'all-linear', 'attention', 'mlp' or names among {', '.join(BLOCK_LINEARS)}."
         )
     return chosen
+
+
+def fsdp_weight_bytes(shape: ModelShape, method: str, act_bytes: int, gpus: int) -> int:
+    """Peak weight bytes of one FSDP2 rank (lorafit.distributed.wrap): a 1/gpus shard of every weight, plus the rest
+    of the root group (embeddings, final norm, head: gathered for the whole step) and of two blocks (computing,
+    prefetched) while they are gathered."""
+    tensors = [(kind, _weight_bytes(kind, numel, method, act_bytes)) for kind, numel in shape.parameter_tensors()]
+    total = sum(size for _, size in tensors)
+    root = sum(size for kind, size in tensors if kind in ("embedding", "head")) + shape.hidden_size * act_bytes
+    block = (total - root) / shape.num_layers
+    unsharded = (root + min(2, shape.num_layers) * block) * (1 - 1 / gpus)
+    return math.ceil(total / gpus + unsharded)
 
 
 def nf4_bytes(numel: int) -> int:
@@ -298,6 +329,13 @@ def _weight_bytes(kind: str, numel: int, method: str, act_bytes: int) -> int:
 def _module_name(layer: int, linear: str) -> str:
     block = "self_attn" if linear in ATTENTION_LINEARS else "mlp"
     return f"model.layers.{layer}.{block}.{linear}"
+
+
+def _check_parallel(gpus: int, strategy: str) -> None:
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus <= 0:
+        raise ConfigError(f"gpus={gpus!r} is invalid: use the number of processes (GPUs), a positive integer.")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy={strategy!r} is unknown: use one of {', '.join(STRATEGIES)}.")
 
 
 def _check_settings(method: str, r: int, batch: int, seq: int, precision: str, optimizer: str, dropout: float) -> None:

@@ -31,6 +31,7 @@ from lorafit.quant.nf4 import (
 )
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
+STATE_PARAMETERS = ("weight", "absmax", "nested_absmax", "nested_quant_map")  # Linear4bit's frozen state
 DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in INPUT_DTYPES}
 
 
@@ -59,10 +60,15 @@ class _NF4Linear(torch.autograd.Function):
 
 
 class Linear4bit(nn.Module):
-    """A frozen nn.Linear replacement holding its weight as an NF4Tensor (`quant_state`).
+    """A frozen nn.Linear replacement holding its weight in NF4.
 
-    `weight` is the packed uint8 code tensor (so `.device` works and `.is_floating_point()` is False);
-    `model.to(device)` moves the whole quantised state, and dtype casts leave it untouched.
+    The quantised state is a set of frozen plain parameters, so that FSDP2 can shard it like any weight
+    (it shards parameters only, and turns Parameter subclasses into plain ones, dropping their metadata):
+    `weight` (packed uint8 codes, (n+1)//2 x 1), `absmax` (fp32, or uint8 codes when double-quantised),
+    and with double quantisation `nested_absmax` and `nested_quant_map` (fp32). The metadata (shape, dtype,
+    blocksize, nested offset) are plain attributes. `quant_state` assembles them into an NF4Tensor from
+    whatever the parameters hold at that moment: under FSDP2 that is the all-gathered full tensors inside
+    forward and backward. `model.to(device)` moves the state; dtype casts leave it untouched.
     """
 
     def __init__(self, quant_state: NF4Tensor, bias: torch.Tensor | None = None,
@@ -72,7 +78,7 @@ class Linear4bit(nn.Module):
             raise QuantizationError(f"Linear4bit needs a 2-D (out, in) weight, got shape {tuple(quant_state.shape)}.")
         self.out_features, self.in_features = quant_state.shape
         self.compute_dtype = compute_dtype
-        self.quant_state = quant_state
+        self._set_quant_state(quant_state)
         self.register_parameter(
             "bias", None if bias is None else nn.Parameter(bias.detach().to(quant_state.device), requires_grad=False))
 
@@ -84,8 +90,23 @@ class Linear4bit(nn.Module):
         return cls(q, linear.bias, compute_dtype)
 
     @property
-    def weight(self) -> torch.Tensor:
-        return self.quant_state.packed
+    def quant_state(self) -> NF4Tensor:
+        """The NF4 weight, built from the state parameters as they are now."""
+        return NF4Tensor(packed=self.weight, absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                         dtype=self.quant_dtype, blocksize=self.blocksize, nested_absmax=self.nested_absmax,
+                         nested_quant_map=self.nested_quant_map, nested_offset=self.nested_offset)
+
+    def quant_parameters(self) -> list[nn.Parameter]:
+        """The parameters that hold the quantised weight (not the bias): storage, not model parameters."""
+        return [p for name in STATE_PARAMETERS if (p := getattr(self, name)) is not None]
+
+    def _set_quant_state(self, q: NF4Tensor) -> None:
+        self.quant_dtype, self.blocksize, self.nested_offset = q.dtype, q.blocksize, q.nested_offset
+        tensors = {"weight": q.packed, "absmax": q.absmax, "nested_absmax": q.nested_absmax,
+                   "nested_quant_map": q.nested_quant_map}
+        for name in STATE_PARAMETERS:
+            tensor = tensors[name]
+            self.register_parameter(name, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out, in) weight as a float tensor (dtype defaults to the dtype it was quantised from)."""
@@ -96,22 +117,30 @@ class Linear4bit(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Move the quantised state with the module (fn is .to/.cuda/...); dtype casts leave it as it is."""
-        super()._apply(fn, recurse)
-        packed = fn(self.quant_state.packed)
-        if packed.dtype != torch.uint8:
-            raise QuantizationError(f"Linear4bit holds packed uint8 NF4 codes; a conversion to {packed.dtype} is not possible "
-                                    "(use dequantize() to get a float weight).")
-        self.quant_state = replace(self.quant_state, packed=packed).to(packed.device)
-        return self
+        state = {id(p): p.dtype for p in self.quant_parameters()}
+
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            if id(t) not in state or moved.dtype == state[id(t)]:
+                return moved
+            if state[id(t)] == torch.uint8:
+                raise QuantizationError(f"Linear4bit holds uint8 NF4 codes; a conversion to {moved.dtype} is not "
+                                        "possible (use dequantize() to get a float weight).")
+            return t.to(moved.device)
+
+        return super()._apply(move_only, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """Write bitsandbytes' keys, in its order: weight, bias, then the quant state entries."""
+        def plain(value: torch.Tensor) -> torch.Tensor:
+            return value if keep_vars or not isinstance(value, nn.Parameter) else value.detach()
+
         entries = nf4_state_dict(self.quant_state)
-        destination[prefix + "weight"] = entries.pop("weight")
+        destination[prefix + "weight"] = plain(entries.pop("weight"))
         if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+            destination[prefix + "bias"] = plain(self.bias)
         for key, value in entries.items():
-            destination[prefix + "weight." + key] = value
+            destination[prefix + "weight." + key] = plain(value)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """Read bitsandbytes' keys; a missing or inconsistent quant-state entry raises QuantizationError naming it."""
@@ -124,7 +153,7 @@ class Linear4bit(nn.Module):
                 raise QuantizationError(f"{prefix}weight.{QUANT_STATE_KEY} holds shape {list(q.shape)}, but this layer is "
                                         f"({self.out_features}, {self.in_features}).")
             device = self.weight.device if self.weight.device.type != "meta" else q.device
-            self.quant_state = q.to(device)
+            self._set_quant_state(q.to(device))
         if self.bias is not None:
             if "bias" not in entries:
                 missing_keys.append(prefix + "bias")
