@@ -17,7 +17,8 @@ from lorafit.config import AdapterConfig, ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
 METRICS = ("json", "exact")
-METHODS = ("sft", "grpo")
+METHODS = ("sft", "grpo", "dpo")
+DPO_LOSSES = ("sigmoid", "ipo")
 QUANTIZE = (None, "nf4")
 
 
@@ -88,6 +89,16 @@ class GRPOConfig:
 
 
 @dataclass
+class DPOConfig:
+    """DPO objective (TRL's DPOTrainer); training.batch_size counts preference pairs."""
+
+    beta: float = 0.1  # sigmoid: scale of the log-ratio margin; ipo: the margin aimed at is 1/(2 beta)
+    loss: str = "sigmoid"  # sigmoid: -log sigmoid(beta delta) (DPO); ipo: (delta / tokens - 1/(2 beta))^2 (IPO)
+    label_smoothing: float = 0.0  # sigmoid only: share of pairs assumed mislabelled (conservative DPO), in [0, 0.5)
+    precompute_reference: bool = False  # reference log-probs of every pair once before training (no ref forward/step)
+
+
+@dataclass
 class RunConfig:
     """A whole run: base model, adapter, data, training, evaluation and where results go."""
 
@@ -104,6 +115,7 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     rewards: list[RewardSpec] = field(default_factory=list)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rewards, list):
@@ -205,6 +217,10 @@ def validate(config: RunConfig) -> None:
         _validate_grpo(config)
     elif config.rewards or config.grpo != GRPOConfig():
         raise ConfigError("rewards and the grpo section apply to method: grpo only; set method: grpo or remove them.")
+    if config.method == "dpo":
+        _validate_dpo(config.dpo)
+    elif config.dpo != DPOConfig():
+        raise ConfigError("the dpo section applies to method: dpo only; set method: dpo or remove it.")
 
 
 def check_init_fits_base(config: RunConfig, adapter: AdapterConfig, where: str) -> None:
@@ -237,6 +253,18 @@ def _validate_grpo(config: RunConfig) -> None:
         raise ConfigError(f"grpo.beta={g.beta!r} must be >= 0 (0 = no KL term, no reference model).")
     if not g.epsilon < 1:
         raise ConfigError(f"grpo.epsilon={g.epsilon!r} must be below 1 (the ratio is clipped to [1-eps, 1+eps]).")
+
+
+def _validate_dpo(d: DPOConfig) -> None:
+    if not 0 < d.beta < float("inf"):
+        raise ConfigError(f"dpo.beta={d.beta!r} must be positive (TRL's default is 0.1).")
+    if d.loss not in DPO_LOSSES:
+        raise ConfigError(f"dpo.loss={d.loss!r}: use one of {', '.join(DPO_LOSSES)}.")
+    if not 0 <= d.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing={d.label_smoothing!r} must lie in [0, 0.5) (0 = plain DPO).")
+    if d.loss == "ipo" and d.label_smoothing:
+        raise ConfigError(f"dpo.label_smoothing={d.label_smoothing!r} applies to loss: sigmoid only; set it to 0 "
+                          "for ipo.")
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
