@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lorafit.config import ConfigError
@@ -53,3 +55,10 @@ def test_errors_name_the_key(tmp_path, override, needle):
     with pytest.raises(ConfigError) as err:
         load_run_config(write(tmp_path), [override])
     assert needle in str(err.value) and "run.yaml" in str(err.value)
+
+
+def test_the_dpo_example_config_loads():
+    root = Path(__file__).resolve().parents[2]
+    config = load_run_config(root / "examples" / "dpo_short_answers.yaml")
+    assert config.method == "dpo" and config.dpo == DPOConfig()
+    assert (root / config.data.train).is_file() and (root / config.data.eval).is_file()
