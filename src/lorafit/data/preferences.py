@@ -54,7 +54,8 @@ class PreferenceStats:
         return f"{self.pairs} preference pairs{cut}"
 
 
-def read_preferences(path: str | Path, tokenizer: Any, max_seq_len: int) -> tuple[list[PreferencePair], PreferenceStats]:
+def read_preferences(path: str | Path, tokenizer: Any,
+                     max_seq_len: int) -> tuple[list[PreferencePair], PreferenceStats]:
     """Every row of a .jsonl/.json/.csv file as a tokenized pair; a bad row raises DataError naming file:line."""
     pairs = [pair_from_row(row, source, tokenizer, max_seq_len) for source, row in read_rows(path)]
     if not pairs:
