@@ -17,8 +17,9 @@ from lorafit.config import AdapterConfig, ConfigError
 from lorafit.evaluation.metrics import METRICS
 
 SCHEDULES = ("cosine", "linear", "constant")
-METHODS = ("sft", "grpo")
-METHOD_SECTIONS = {"grpo": ("rewards", "grpo")}  # sections that only the named method reads
+METHODS = ("sft", "grpo", "dpo")
+METHOD_SECTIONS = {"grpo": ("rewards", "grpo"), "dpo": ("dpo",)}  # sections that only the named method reads
+DPO_LOSSES = ("sigmoid", "ipo")
 QUANTIZE = (None, "nf4")
 
 
@@ -89,6 +90,16 @@ class GRPOConfig:
 
 
 @dataclass
+class DPOConfig:
+    """DPO objective (TRL's DPOTrainer); training.batch_size counts preference pairs."""
+
+    beta: float = 0.1  # sigmoid: scale of the log-ratio margin; ipo: the margin aimed at is 1/(2 beta)
+    loss: str = "sigmoid"  # sigmoid: -log sigmoid(beta delta) (DPO); ipo: (delta / tokens - 1/(2 beta))^2 (IPO)
+    label_smoothing: float = 0.0  # sigmoid only: share of pairs assumed mislabelled (conservative DPO), in [0, 0.5)
+    precompute_reference: bool = False  # reference log-probs of every pair once before training (no ref forward/step)
+
+
+@dataclass
 class RunConfig:
     """A whole run: base model, adapter, data, training, evaluation and where results go."""
 
@@ -105,6 +116,7 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     rewards: list[RewardSpec] = field(default_factory=list)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rewards, list):
@@ -204,11 +216,15 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"method={config.method!r}: use one of {', '.join(METHODS)}.")
     if config.method == "grpo":
         _validate_grpo(config)
+    if config.method == "dpo":
+        _validate_dpo(config.dpo)
     defaults = RunConfig()
     for method, sections in METHOD_SECTIONS.items():
         if method != config.method and any(getattr(config, s) != getattr(defaults, s) for s in sections):
-            raise ConfigError(f"{' and the '.join(sections)} section apply to method: {method} only; "
-                              f"set method: {method} or remove them.")
+            what = (f"{' and the '.join(sections)} section apply" if len(sections) > 1
+                    else f"the {sections[0]} section applies")
+            raise ConfigError(f"{what} to method: {method} only; set method: {method} or remove "
+                              f"{'them' if len(sections) > 1 else 'it'}.")
 
 
 def check_init_fits_base(config: RunConfig, adapter: AdapterConfig, where: str) -> None:
@@ -249,6 +265,18 @@ def method_keys(config: dict[str, Any]) -> dict[str, Any]:
     method = config.get("method") or RunConfig.method
     unused = {s for m, sections in METHOD_SECTIONS.items() if m != method for s in sections}
     return {key: value for key, value in config.items() if key not in unused}
+
+
+def _validate_dpo(d: DPOConfig) -> None:
+    if not 0 < d.beta < float("inf"):
+        raise ConfigError(f"dpo.beta={d.beta!r} must be positive (TRL's default is 0.1).")
+    if d.loss not in DPO_LOSSES:
+        raise ConfigError(f"dpo.loss={d.loss!r}: use one of {', '.join(DPO_LOSSES)}.")
+    if not 0 <= d.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing={d.label_smoothing!r} must lie in [0, 0.5) (0 = plain DPO).")
+    if d.loss == "ipo" and d.label_smoothing:
+        raise ConfigError(f"dpo.label_smoothing={d.label_smoothing!r} applies to loss: sigmoid only; set it to 0 "
+                          "for ipo.")
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:

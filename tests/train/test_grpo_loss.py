@@ -20,9 +20,9 @@ from lorafit.train.grpo import (
     grpo_token_loss,
     reference_logprobs,
     sequence_batch,
-    start_weights,
     update_step,
 )
+from lorafit.train.reference import start_weights
 
 PROMPTS = [[5, 9, 13, 2], [7, 3]]
 COMPLETIONS = [[11, 12, 40], [20], [30, 31], [44, 45, 46, 47]]  # G = 2: two per prompt, consecutive

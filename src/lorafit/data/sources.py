@@ -40,51 +40,55 @@ def read_examples(path: str | Path, *, require_reply: bool = True) -> list[Examp
 
     require_reply=False accepts chats without an assistant turn (prompts to generate from).
     """
+    examples = [example_from_row(row, source, require_reply=require_reply) for source, row in read_rows(path)]
+    if not examples:
+        raise DataError(f"{path}: the file holds no rows. Fix: add rows with {ACCEPTED_FORMATS}.")
+    return examples
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[str, object]]:
+    """(source "file:line", decoded row) for each row of a .jsonl/.json/.csv file or a `save_to_disk` folder."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found. Check the path (relative paths start at {Path.cwd()}).")
     if path.is_dir():
-        rows = _dataset_rows(path)
-    elif path.suffix in _FILE_READERS:
-        rows = _FILE_READERS[path.suffix](path)
-    else:
-        raise DataError(
-            f"{path}: unsupported file type '{path.suffix}'. Use .jsonl, .json, .csv, "
-            "or a folder written by datasets' save_to_disk."
-        )
-    examples = [example_from_row(row, source, require_reply=require_reply) for source, row in rows]
-    if not examples:
-        raise DataError(f"{path}: the file holds no rows. Fix: add rows with {ACCEPTED_FORMATS}.")
-    return examples
+        return _dataset_rows(path)
+    if path.suffix in _FILE_READERS:
+        return _FILE_READERS[path.suffix](path)
+    raise DataError(
+        f"{path}: unsupported file type '{path.suffix}'. Use .jsonl, .json, .csv, "
+        "or a folder written by datasets' save_to_disk."
+    )
 
 
 def example_from_row(row: object, source: str, *, require_reply: bool = True) -> Example:
     """Validate one row (a dict) and turn it into an `Example`; unknown keys go to `fields`."""
     if not isinstance(row, dict):
         problem = f"the row is a {type(row).__name__}, not an object"
-        _fail(source, problem, f"write each row as a JSON object with {ACCEPTED_FORMATS}")
+        fail(source, problem, f"write each row as a JSON object with {ACCEPTED_FORMATS}")
     if "messages" in row:
         used, messages = ("messages",), _messages(row["messages"], source, "messages")
     elif "prompt" in row or "completion" in row:
         missing = [key for key in ("prompt", "completion") if key not in row]
         if missing:
-            _fail(source, f"the row has no '{missing[0]}' field", "give both 'prompt' and 'completion'")
-        prompt = _as_messages(row["prompt"], "user", source, "prompt")
-        completion = _as_messages(row["completion"], "assistant", source, "completion")
+            fail(source, f"the row has no '{missing[0]}' field", "give both 'prompt' and 'completion'")
+        prompt = as_messages(row["prompt"], "user", source, "prompt")
+        completion = as_messages(row["completion"], "assistant", source, "completion")
         used, messages = ("prompt", "completion"), prompt + completion
     elif "text" in row:
         text = row["text"]
         if not isinstance(text, str) or not text.strip():
-            _fail(source, "'text' must be a non-empty string", "put the document text in 'text'")
+            fail(source, "'text' must be a non-empty string", "put the document text in 'text'")
         return Example(source=source, text=text, fields=_extra(row, ("text",)))
     else:
-        _fail(source, f"the row has none of the accepted fields (found: {sorted(row)})", f"use {ACCEPTED_FORMATS}")
+        fail(source, f"the row has none of the accepted fields (found: {sorted(row)})", f"use {ACCEPTED_FORMATS}")
     if require_reply:
         _check_chat(messages, source)
     return Example(source=source, messages=messages, fields=_extra(row, used))
 
 
-def _fail(source: str, problem: str, fix: str) -> NoReturn:
+def fail(source: str, problem: str, fix: str) -> NoReturn:
+    """Raise the DataError every bad row gives: "source: problem. Fix: fix."."""
     raise DataError(f"{source}: {problem}. Fix: {fix}.") from None  # hide the parser error we replace
 
 
@@ -92,7 +96,7 @@ def _extra(row: dict[str, Any], used: tuple[str, ...]) -> dict[str, Any]:
     return {key: value for key, value in row.items() if key not in used}
 
 
-def _as_messages(value: object, role: str, source: str, name: str) -> list[dict[str, Any]]:
+def as_messages(value: object, role: str, source: str, name: str) -> list[dict[str, Any]]:
     """A prompt/completion given as a string becomes a single `role` message."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
@@ -101,17 +105,17 @@ def _as_messages(value: object, role: str, source: str, name: str) -> list[dict[
 
 def _messages(value: object, source: str, name: str) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
-        _fail(source, f"'{name}' must be a non-empty list of messages", f"write it as [{_MESSAGE_SHAPE}, ...]")
+        fail(source, f"'{name}' must be a non-empty list of messages", f"write it as [{_MESSAGE_SHAPE}, ...]")
     messages = []
     for i, message in enumerate(value):
         where = f"{name}[{i}]"
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            _fail(source, f"{where} is not an object with 'role' and 'content'", f"write it as {_MESSAGE_SHAPE}")
+            fail(source, f"{where} is not an object with 'role' and 'content'", f"write it as {_MESSAGE_SHAPE}")
         if message["role"] not in ROLES:
-            _fail(source, f"{where} has unknown role {message['role']!r}", f"use one of {', '.join(ROLES)}")
+            fail(source, f"{where} has unknown role {message['role']!r}", f"use one of {', '.join(ROLES)}")
         if not isinstance(message["content"], str):
             kind = type(message["content"]).__name__
-            _fail(source, f"{where} content is a {kind}, not a string", "give the content as plain text")
+            fail(source, f"{where} content is a {kind}, not a string", "give the content as plain text")
         messages.append(dict(message))
     return messages
 
@@ -119,9 +123,9 @@ def _messages(value: object, source: str, name: str) -> list[dict[str, Any]]:
 def _check_chat(messages: list[dict[str, Any]], source: str) -> None:
     assistant_turns = [m for m in messages if m["role"] == "assistant"]
     if not assistant_turns:
-        _fail(source, "the chat has no assistant turn, so there is nothing to learn", "add the assistant's reply")
+        fail(source, "the chat has no assistant turn, so there is nothing to learn", "add the assistant's reply")
     if any(not m["content"].strip() for m in assistant_turns):
-        _fail(source, "an assistant turn is empty", "write the assistant's reply or remove the turn")
+        fail(source, "an assistant turn is empty", "write the assistant's reply or remove the turn")
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
@@ -136,7 +140,7 @@ def _decode(text: str, source: str, fix: str) -> object:
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        _fail(source, f"invalid JSON ({error.msg} at column {error.colno})", fix)
+        fail(source, f"invalid JSON ({error.msg} at column {error.colno})", fix)
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
@@ -152,7 +156,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
     if pos == len(text):
         return
     if text[pos] != "[":
-        _fail(where(pos), "the file is not a JSON list", "write the rows as [{...}, {...}] or use .jsonl")
+        fail(where(pos), "the file is not a JSON list", "write the rows as [{...}, {...}] or use .jsonl")
     pos = _skip_space(text, pos + 1)
     if text.startswith("]", pos):
         return
@@ -160,13 +164,13 @@ def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
         try:
             row, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as error:
-            _fail(f"{path}:{error.lineno}", f"invalid JSON ({error.msg})", "correct the JSON on that line")
+            fail(f"{path}:{error.lineno}", f"invalid JSON ({error.msg})", "correct the JSON on that line")
         yield where(pos), row
         pos = _skip_space(text, end)
         if text.startswith("]", pos):
             return
         if not text.startswith(",", pos):
-            _fail(where(pos), "invalid JSON (expected ',' or ']')", "separate rows with commas and close the list")
+            fail(where(pos), "invalid JSON (expected ',' or ']')", "separate rows with commas and close the list")
         pos = _skip_space(text, pos + 1)
 
 
@@ -183,7 +187,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, object]]:
             source = f"{path}:{start}"
             start = reader.line_num + 1
             if None in raw:
-                _fail(source, "the row has more cells than the header", "quote cells that contain commas")
+                fail(source, "the row has more cells than the header", "quote cells that contain commas")
             row: dict[str, Any] = {key: value for key, value in raw.items() if value}
             if "messages" in row:
                 fix = "put the chat in the 'messages' cell as a JSON list"
@@ -196,11 +200,11 @@ def _dataset_rows(path: Path) -> Iterator[tuple[str, object]]:
         import datasets
     except ImportError:
         problem = "reading a saved dataset folder needs the 'datasets' package"
-        _fail(str(path), problem, "pip install lorafit[datasets]")
+        fail(str(path), problem, "pip install lorafit[datasets]")
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
         splits = sorted(dataset)
-        _fail(str(path), f"the folder holds the splits {splits}", f"point at one split, e.g. {path / splits[0]}")
+        fail(str(path), f"the folder holds the splits {splits}", f"point at one split, e.g. {path / splits[0]}")
     for number, row in enumerate(dataset, start=1):
         # Arrow gives every row every column; a None cell means the row lacks that field.
         yield f"{path}:{number}", {key: value for key, value in row.items() if value is not None}

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +39,8 @@ from lorafit.run_config import GRPOConfig, RunConfig
 from lorafit.train import loop
 from lorafit.train.batches import step_rows, steps_per_epoch
 from lorafit.train.loop import RunResult
-from lorafit.train.loss import IGNORE, has_plain_head
+from lorafit.train.loss import IGNORE, completion_logprobs
+from lorafit.train.reference import reference_policy, reference_start
 from lorafit.train.rewards import (
     RewardFunction,
     load_rewards,
@@ -91,8 +90,7 @@ def train(config: RunConfig, *, resume: bool = False) -> RunResult:
     # The reference policy is where training starts: the base (adapter off) for a fresh adapter, else a copy of
     # the trainable weights (a saved adapter, or trained biases, which switching the adapter off would not undo).
     # LoftQ starts at Q + s·B0 A0 (B0 != 0): switching its adapter off would give the bare 4-bit Q instead.
-    fresh = not config.init_adapter and config.adapter.bias == "none" and config.adapter.init != "loftq"
-    start = None if fresh else start_weights(model)
+    start = reference_start(model, config)
     use_bf16 = loop.use_bf16(t, model.device)
 
     evaluate = config.evaluation.generation and bool(eval_prompts)
@@ -229,28 +227,6 @@ def sequence_batch(samples: Samples, advantages: torch.Tensor, start: int, stop:
             "advantages": torch.cat(per_token).to(device)}
 
 
-def completion_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float,
-                        use_bf16: bool = False) -> torch.Tensor:
-    """log softmax(logits / temperature) of each target token, (K,) in the row-major order of targets != -100."""
-    where = batch["targets"] != IGNORE  # (n, L)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    device = batch["input_ids"].device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        if has_plain_head(model):  # the head only where a completion token is predicted
-            hidden = model.base_model(**inputs).last_hidden_state[where]  # (K, H)
-            logits = model.get_output_embeddings()(hidden)  # (K, V)
-        else:
-            logits = model(**inputs).logits[where]  # (K, V)
-    logits = logits.float() / temperature
-    tokens = batch["targets"][where]  # (K,)
-    return logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-
-def start_weights(model: Any) -> dict[str, torch.Tensor]:
-    """A copy of the adapter's current weights (the trainable parameters only: adapter-sized, not base-sized)."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
 @torch.no_grad()
 def reference_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float, use_bf16: bool = False,
                        start: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -262,25 +238,8 @@ def reference_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: 
     from start_weights) and they are swapped in for this pass, as TRL does with its frozen "ref" adapter:
     measured against the base, the KL term would pull the policy back out of what the saved adapter taught.
     """
-    with _reference_policy(model, start):
+    with reference_policy(model, start):
         return completion_logprobs(model, batch, temperature, use_bf16)
-
-
-@contextmanager
-def _reference_policy(model: Any, start: dict[str, torch.Tensor] | None) -> Iterator[None]:
-    if start is None:
-        with adapters_disabled(model):
-            yield
-        return
-    params = dict(model.named_parameters())
-    current = {name: params[name].detach().clone() for name in start}
-    for name, value in start.items():
-        params[name].copy_(value)
-    try:
-        yield
-    finally:
-        for name, value in current.items():
-            params[name].copy_(value)
 
 
 def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
@@ -389,4 +348,4 @@ def _side_by_side(result: RunResult) -> str:
 
 
 __all__ = ["Prompt", "Samples", "completion_logprobs", "group_advantages", "grpo_token_loss", "read_prompts",
-           "reference_logprobs", "reward_eval", "sequence_batch", "start_weights", "train", "update_step"]
+           "reference_logprobs", "reward_eval", "sequence_batch", "train", "update_step"]

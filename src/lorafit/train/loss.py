@@ -75,3 +75,20 @@ def target_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
         return head_cross_entropy(hidden[where], model.get_output_embeddings().weight, targets[where])
     logits = model(**inputs, use_cache=False).logits  # (B, L, V)
     return F.cross_entropy(logits[where].float(), targets[where], reduction="sum")
+
+
+def completion_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float,
+                        use_bf16: bool = False) -> torch.Tensor:
+    """log softmax(logits / temperature) of each target token, (K,) in the row-major order of targets != -100."""
+    where = batch["targets"] != IGNORE  # (n, L)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    device = batch["input_ids"].device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        if has_plain_head(model):  # the head only where a completion token is predicted
+            hidden = model.base_model(**inputs).last_hidden_state[where]  # (K, H)
+            logits = model.get_output_embeddings()(hidden)  # (K, V)
+        else:
+            logits = model(**inputs).logits[where]  # (K, V)
+    logits = logits.float() / temperature
+    tokens = batch["targets"][where]  # (K,)
+    return logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
