@@ -14,11 +14,12 @@ from typing import Any
 import yaml
 
 from lorafit.config import AdapterConfig, ConfigError
+from lorafit.quant import QUANT_SCHEMES
 
 SCHEDULES = ("cosine", "linear", "constant")
 METRICS = ("json", "exact")
 METHODS = ("sft", "grpo")
-QUANTIZE = (None, "nf4")
+QUANTIZE = (None, *QUANT_SCHEMES)
 
 
 @dataclass

@@ -159,7 +159,7 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
             use_rslora=bool(raw.get("use_rslora", False)),
             use_dora=bool(raw.get("use_dora", False)),
             bias=raw.get("bias", "none"),
-            init="default" if init in (True, False) else init,
+            init=True if init is False else init,  # False (PEFT's random B) is overwritten by the saved weights
             loftq_iter=(raw.get("loftq_config") or {}).get("loftq_iter", 1),
             rank_pattern=raw.get("rank_pattern") or {},
             alpha_pattern=raw.get("alpha_pattern") or {},

@@ -24,7 +24,7 @@ from lorafit.config import LorafitWarning
 from lorafit.device import default_compute_dtype, default_device
 from lorafit.fileio import atomic_directory
 from lorafit.models.zoo import KNOWN_MODELS, fetch_gguf, model_cache_dir
-from lorafit.quant import Linear4bit, QuantizationError, check_scheme, quantize_nf4
+from lorafit.quant import QUANT_SCHEMES, Linear4bit, QuantizationError, check_scheme, quantize_nf4
 
 FLOAT_CHECKPOINT = "float"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -56,7 +56,7 @@ def load_model(
         try:
             check_scheme(quantize)
         except QuantizationError as err:
-            raise ModelLoadError(f"quantize={quantize!r} is not supported: use None or one of: nf4.") from err
+            raise ModelLoadError(f"quantize={quantize!r} is not supported: use None or one of: {', '.join(QUANT_SCHEMES)}.") from err
     if name_or_path in KNOWN_MODELS:
         folder, gguf_file = _known_model_folder(name_or_path), None
     elif str(name_or_path).endswith(".gguf"):

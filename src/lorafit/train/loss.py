@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from lorafit.data.chat import IGNORE
 CHUNK_ROWS = 512
 
 
