@@ -18,13 +18,14 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorafit.adapters.io import load_adapter, read_adapter_config, save_adapter
-from lorafit.adapters.model import attach, parameter_report
-from lorafit.device import bf16_worthwhile, default_compute_dtype
+from lorafit.adapters.io import read_adapter_config, save_adapter
+from lorafit.adapters.model import parameter_report
+from lorafit.adapters.prepare import prepare_model, quantize_at_load
+from lorafit.device import bf16_worthwhile
 from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, diagnose_run
 from lorafit.fileio import write_json_atomic, write_text_atomic
-from lorafit.models import block_linear_names, load_model, quantize_block_linears
+from lorafit.models import load_model
 from lorafit.report import write_report
 from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, to_dict
 from lorafit.train.checkpoint import (
@@ -70,7 +71,7 @@ def load_base_model(config: RunConfig, result: RunResult) -> tuple[Any, Any]:
     """(model, tokenizer) of config.model in config.dtype, its block linears in NF4 when config.quantize says so
     (except with LoftQ, which quantises while it initialises: see attach_adapter); time in phases['load_model_s']."""
     clock = time.perf_counter()
-    quantize = None if _adapter_init(config) == "loftq" else config.quantize
+    quantize = quantize_at_load(_adapter_init(config), config.quantize)
     model, tokenizer = load_model(config.model, dtype=DTYPES[config.dtype], quantize=quantize,
                                   double_quant=config.double_quant)
     result.phases["load_model_s"] = time.perf_counter() - clock
@@ -80,15 +81,12 @@ def load_base_model(config: RunConfig, result: RunResult) -> tuple[Any, Any]:
 def attach_adapter(model: nn.Module, config: RunConfig) -> None:
     """Attach a fresh adapter (config.adapter) or a saved one (config.init_adapter, trainable) and print the report.
 
-    With LoftQ the adapted layers were quantised by their init; the other block linears are quantised here.
+    With LoftQ, prepare_model quantises the block linears it does not adapt, then the init quantises the adapted ones.
     """
+    prepare_model(model, config.init_adapter or config.adapter, quantize=config.quantize,
+                  double_quant=config.double_quant, warn_scale=False)  # the config checks have said it already
     if config.init_adapter:
-        load_adapter(model, config.init_adapter, trainable=True)
         print(f"adapter initialised from {config.init_adapter}")
-    else:
-        attach(model, config.adapter, warn_scale=False)  # the config checks have said it already
-    if config.quantize and _adapter_init(config) == "loftq" and block_linear_names(model):  # layers not adapted
-        quantize_block_linears(model, double_quant=config.double_quant, compute_dtype=default_compute_dtype(model.device))
     print(parameter_report(model))
     if config.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
