@@ -31,6 +31,11 @@ def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def scale_rule(alpha: float, r: int, use_rslora: bool) -> str:
+    """How the scale is formed, for messages: 'alpha/r = 16/64' or 'alpha/sqrt(r) = 16/sqrt(64)'."""
+    return f"alpha/sqrt(r) = {alpha:g}/sqrt({r})" if use_rslora else f"alpha/r = {alpha:g}/{r}"
+
+
 def alpha_for_scale(scale: float, r: int, use_rslora: bool) -> float:
     """The alpha that gives the effective scale `scale` at rank r (lora_scale solved for alpha)."""
     return scale * (math.sqrt(r) if use_rslora else r)
@@ -129,10 +134,7 @@ class ScaleAdvice:
     alpha: float
     r: int
     use_rslora: bool
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.alpha, self.r, self.use_rslora)
+    scale: float  # lora_scale(alpha, r, use_rslora)
 
     @property
     def too_low(self) -> bool:
@@ -140,10 +142,9 @@ class ScaleAdvice:
 
     def problem(self) -> str:
         """What is wrong, e.g. 'effective LoRA scale alpha/r = 16/64 = 0.25 is outside [0.5, 4.0]'."""
-        rule = (f"alpha/sqrt(r) = {self.alpha:g}/sqrt({self.r})" if self.use_rslora
-                else f"alpha/r = {self.alpha:g}/{self.r}")
         low, high = HEALTHY_SCALE
-        return f"effective LoRA scale {rule} = {self.scale:.3g} is outside [{low}, {high}]"
+        return (f"effective LoRA scale {scale_rule(self.alpha, self.r, self.use_rslora)} = {self.scale:.3g} "
+                f"is outside [{low}, {high}]")
 
     def fix(self, names: SettingNames = PYTHON_NAMES) -> str:
         """What to change, naming the settings as `names` does."""
@@ -165,9 +166,9 @@ class ScaleAdvice:
 
 def scale_advice(alpha: float, r: int, use_rslora: bool) -> ScaleAdvice | None:
     """ScaleAdvice when alpha, r and rsLoRA give an effective scale outside HEALTHY_SCALE, else None."""
-    advice = ScaleAdvice(alpha, r, use_rslora)
+    scale = lora_scale(alpha, r, use_rslora)
     low, high = HEALTHY_SCALE
-    return None if low <= advice.scale <= high else advice
+    return None if low <= scale <= high else ScaleAdvice(alpha, r, use_rslora, scale)
 
 
 def scale_warning(config: AdapterConfig) -> str | None:

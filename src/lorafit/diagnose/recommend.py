@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorafit.config import HEALTHY_SCALE, RSLORA_MIN_RANK, ConfigError, lora_scale
+from lorafit.config import HEALTHY_SCALE, RSLORA_MIN_RANK, ConfigError, lora_scale, scale_rule
 from lorafit.diagnose.memory import GB, MemoryEstimate, estimate_memory
 from lorafit.diagnose.model_shape import ModelShape, model_shape
 
@@ -128,11 +128,10 @@ def _alpha(r: int, use_rslora: bool) -> int:
 def _adapter_choices(result: Recommendation, r: int, rank_reason: str, examples: int, quantize: bool) -> None:
     use_rslora = r >= RSLORA_MIN_RANK
     alpha = _alpha(r, use_rslora)
-    rule = f"alpha/sqrt(r) = {alpha}/sqrt({r})" if use_rslora else f"alpha/r = {alpha}/{r}"
     dropout = 0.05 if examples < 1000 else 0.0
     result.adapter = {
         "r": Choice(r, rank_reason),
-        "alpha": Choice(alpha, f"effective scale {rule} = {lora_scale(alpha, r, use_rslora):.2f}, "
+        "alpha": Choice(alpha, f"effective scale {scale_rule(alpha, r, use_rslora)} = {lora_scale(alpha, r, use_rslora):.2f}, "
                                f"inside the {HEALTHY_SCALE[0]:g}-{HEALTHY_SCALE[1]:g} range where LoRA trains well"),
         "use_rslora": Choice(use_rslora, f"rank-stabilised scaling from r {RSLORA_MIN_RANK}: alpha/r would shrink "
                                          "updates as r grows" if use_rslora else
