@@ -1,4 +1,15 @@
-"""lorafit: parameter-efficient fine-tuning (LoRA, rsLoRA) of transformer language models."""
+"""lorafit: LoRA fine-tuning of transformer language models, in one toolkit.
+
+- adapters: LoRA, rsLoRA scaling, DoRA; initialised as default/gaussian, PiSSA or LoftQ; attached to an existing
+  transformers model, merged, unloaded or switched off; saved and loaded in PEFT's format (both ways);
+- QLoRA: a base held in 4-bit NF4 (double quantisation, bitsandbytes' layout), loaded layer by layer;
+- models from a Hugging Face folder or id, a GGUF file, or a short name (SmolLM2);
+- data: chat-template formatting with assistant-only loss masks, packing;
+- training from one YAML run file: SFT and GRPO (reward functions), checkpoints and exact resume;
+- evaluation (generation metrics), and diagnosis: config checks, dataset audit, loss-curve findings with advice,
+  a starting-config recommender, a memory estimator; a run report (report.html);
+- the `lorafit` command line for all of the above.
+"""
 
 from lorafit.adapters.io import AdapterFileError, load_adapter, save_adapter
 from lorafit.adapters.lora import LoraLinear

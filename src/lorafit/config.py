@@ -1,4 +1,6 @@
-"""AdapterConfig: the adapter's hyper-parameters (PEFT-compatible), their validation and the LoRA scale."""
+"""AdapterConfig: the adapter's hyper-parameters (PEFT-compatible), their validation, the LoRA scale and the rule
+for a healthy scale (the range, when to use rsLoRA, and the advice text that attach, the config checks and the
+loss-curve diagnosis all print)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ BIAS_MODES = ("none", "all", "lora_only")
 INIT_METHODS = ("default", "gaussian", "pissa", "pissa_niter_<K>", "loftq")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 TARGET_SHORTHANDS = ("all-linear", "attention", "mlp")
-HEALTHY_SCALE = (0.5, 4.0)
+HEALTHY_SCALE = (0.5, 4.0)  # effective scales s at which LoRA trains well
+RSLORA_MIN_RANK = 32  # from here alpha/r shrinks updates enough that rank-stabilised scaling matters (rsLoRA paper)
+LOWER_RANK_FROM = 64  # a too-small scale at r >= 64 can also be fixed by a lower r
 
 
 class ConfigError(ValueError):
@@ -25,6 +29,16 @@ class LorafitWarning(UserWarning):
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
     """The factor s in W0 + s·B·A: alpha/r, or alpha/sqrt(r) for rank-stabilised LoRA."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def scale_rule(alpha: float, r: int, use_rslora: bool) -> str:
+    """How the scale is formed, for messages: 'alpha/r = 16/64' or 'alpha/sqrt(r) = 16/sqrt(64)'."""
+    return f"alpha/sqrt(r) = {alpha:g}/sqrt({r})" if use_rslora else f"alpha/r = {alpha:g}/{r}"
+
+
+def alpha_for_scale(scale: float, r: int, use_rslora: bool) -> float:
+    """The alpha that gives the effective scale `scale` at rank r (lora_scale solved for alpha)."""
+    return scale * (math.sqrt(r) if use_rslora else r)
 
 
 @dataclass
@@ -56,7 +70,7 @@ class AdapterConfig:
             raise ConfigError(f"dropout={self.dropout!r} is invalid: use a number in [0, 1), e.g. 0.05 (or 0 for none).")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias={self.bias!r} is unknown: use one of {', '.join(BIAS_MODES)}.")
-        if self.init is True:
+        if self.init is True:  # PEFT's init_lora_weights=True
             self.init = "default"
         if not isinstance(self.init, str) or not (self.init in INIT_METHODS or _PISSA_NITER.fullmatch(self.init)):
             raise ConfigError(
@@ -98,27 +112,69 @@ class AdapterConfig:
         )
 
 
+@dataclass(frozen=True)
+class SettingNames:
+    """How scale advice names the adapter settings: as AdapterConfig arguments or as keys of a run file."""
+
+    alpha: str
+    r: str
+    rslora_on: str  # the setting that turns rank-stabilised scaling on
+    scale_format: str  # format spec of the scale rsLoRA would give
+
+
+PYTHON_NAMES = SettingNames(alpha="alpha", r="r", rslora_on="use_rslora=True", scale_format=".2f")
+RUN_FILE_NAMES = SettingNames(alpha="adapter.alpha", r="adapter.r", rslora_on="adapter.use_rslora: true",
+                              scale_format=".3g")
+
+
+@dataclass(frozen=True)
+class ScaleAdvice:
+    """An effective scale outside HEALTHY_SCALE, and what brings it back inside."""
+
+    alpha: float
+    r: int
+    use_rslora: bool
+    scale: float  # lora_scale(alpha, r, use_rslora)
+
+    @property
+    def too_low(self) -> bool:
+        return self.scale < HEALTHY_SCALE[0]
+
+    def problem(self) -> str:
+        """What is wrong, e.g. 'effective LoRA scale alpha/r = 16/64 = 0.25 is outside [0.5, 4.0]'."""
+        low, high = HEALTHY_SCALE
+        return (f"effective LoRA scale {scale_rule(self.alpha, self.r, self.use_rslora)} = {self.scale:.3g} "
+                f"is outside [{low}, {high}]")
+
+    def fix(self, names: SettingNames = PYTHON_NAMES) -> str:
+        """What to change, naming the settings as `names` does."""
+        low, high = HEALTHY_SCALE
+        if not self.too_low:
+            return (f"lower {names.alpha} to at most {alpha_for_scale(high, self.r, self.use_rslora):g}, "
+                    f"or raise {names.r}. A large scale makes updates unstable.")
+        fixes = [f"raise {names.alpha} to at least {alpha_for_scale(low, self.r, self.use_rslora):g}"]
+        if not self.use_rslora and self.r >= RSLORA_MIN_RANK:
+            rslora_scale = lora_scale(self.alpha, self.r, True)
+            fixes.append(f"or set {names.rslora_on} (scale {rslora_scale:{names.scale_format}})")
+        if self.r >= LOWER_RANK_FROM:
+            fixes.append(f"or lower {names.r}")
+        return "; ".join(fixes) + ". A small scale makes training look fine but crawl."
+
+    def text(self, names: SettingNames = PYTHON_NAMES) -> str:
+        return f"{self.problem()}: {self.fix(names)}"
+
+
+def scale_advice(alpha: float, r: int, use_rslora: bool) -> ScaleAdvice | None:
+    """ScaleAdvice when alpha, r and rsLoRA give an effective scale outside HEALTHY_SCALE, else None."""
+    scale = lora_scale(alpha, r, use_rslora)
+    low, high = HEALTHY_SCALE
+    return None if low <= scale <= high else ScaleAdvice(alpha, r, use_rslora, scale)
+
+
 def scale_warning(config: AdapterConfig) -> str | None:
     """A message when the effective scale lies outside the range where LoRA trains well, else None."""
-    s = config.scale
-    low, high = HEALTHY_SCALE
-    if low <= s <= high:
-        return None
-    rule = f"alpha/sqrt(r) = {config.alpha}/sqrt({config.r})" if config.use_rslora else f"alpha/r = {config.alpha}/{config.r}"
-    if s < low:
-        fixes = [f"raise alpha to at least {_alpha_for(low, config):g}"]
-        if not config.use_rslora and config.r >= 32:
-            fixes.append(f"or set use_rslora=True (scale {lora_scale(config.alpha, config.r, True):.2f})")
-        if config.r >= 64:
-            fixes.append("or lower r")
-        advice = "; ".join(fixes) + ". A small scale makes training look fine but crawl."
-    else:
-        advice = f"lower alpha to at most {_alpha_for(high, config):g}, or raise r. A large scale makes updates unstable."
-    return f"effective LoRA scale {rule} = {s:.3g} is outside [{low}, {high}]: {advice}"
-
-
-def _alpha_for(target_scale: float, config: AdapterConfig) -> float:
-    return target_scale * (math.sqrt(config.r) if config.use_rslora else config.r)
+    advice = scale_advice(config.alpha, config.r, config.use_rslora)
+    return advice.text(PYTHON_NAMES) if advice else None
 
 
 def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:

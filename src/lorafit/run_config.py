@@ -15,12 +15,13 @@ import yaml
 
 from lorafit.config import AdapterConfig, ConfigError
 from lorafit.evaluation.metrics import METRICS
+from lorafit.quant import QUANT_SCHEMES
 
 SCHEDULES = ("cosine", "linear", "constant")
 METHODS = ("sft", "grpo", "dpo")
 METHOD_SECTIONS = {"grpo": ("rewards", "grpo"), "dpo": ("dpo",)}  # sections that only the named method reads
 DPO_LOSSES = ("sigmoid", "ipo")
-QUANTIZE = (None, "nf4")
+QUANTIZE = (None, *QUANT_SCHEMES)
 
 
 @dataclass

@@ -19,18 +19,17 @@ from lorafit.adapters.branch import (
     dense_weight,
     masked_input_grad,
 )
+from lorafit.lowrank import add_low_rank, update_dtype
 
 
 def row_norms_direct(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """||W0 + s·B A|| per output row, by forming the (out, in) matrix; fp32 (or wider) result of shape (out,)."""
-    dtype = torch.promote_types(lora_a.dtype, torch.float32)
-    full = weight.to(dtype) + scaling * (lora_b.to(dtype) @ lora_a.to(dtype))  # (out, in)
-    return torch.linalg.vector_norm(full, dim=1)
+    return torch.linalg.vector_norm(add_low_rank(weight, lora_a, lora_b, scaling), dim=1)
 
 
 def row_norms_factored(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """The same norms from ||w_o||² + 2s·b_o·(W0 Aᵀ)_o + s²·b_o (A Aᵀ) b_oᵀ, without an (out, in) temporary."""
-    dtype = torch.promote_types(lora_a.dtype, torch.float32)
+    dtype = update_dtype(lora_a)
     w = weight.to(dtype)  # a view when the weight is fp32 already
     a, b = lora_a.to(dtype), lora_b.to(dtype)
     squares = torch.linalg.vector_norm(w, dim=1).square_()  # (out,)

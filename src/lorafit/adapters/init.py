@@ -1,25 +1,31 @@
 """Adapter initialisers: default / gaussian (B = 0), PiSSA (A, B from the top singular triplets of W0) and
 LoftQ (the base becomes NF4 and A, B absorb its quantisation error).
 
-PiSSA (Meng et al. 2024; PEFT's `pissa_init`): W0 = U S Vᵀ; with S' = S[:r] / s,
-A = sqrt(S') Vᵀ[:r] (r, in), B = U[:, :r] sqrt(S') (out, r), so s·B A is W0's principal rank-r part, and the
-base keeps the residual W0 - s·B A: the wrapped layer starts equal to the base. The initial factors are kept
-(non-persistent buffers) to convert the trained adapter to plain LoRA on save and to compute the original base.
+PiSSA (Meng et al. 2024; PEFT's `pissa_init`): A, B = W0's principal factors (lorafit.lowrank), so s·B A is W0's
+principal rank-r part, and the base keeps the residual W0 - s·B A: the wrapped layer starts equal to the base.
+The initialiser keeps the initial factors B0, A0 (non-persistent buffers it registers on the layer, so they follow
+.to() and deepcopy): `initial_factors` gives them to the save conversion to plain LoRA, `original_base` and
+`restore_pissa_base` add s·B0 A0 back to the residual to compute or restore the original base. Training, checkpoints
+and resume keep the residual form.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from lorafit.adapters.branch import dense_weight
-from lorafit.adapters.lora import LoraLinear
+from lorafit.adapters.lora import LoraLinear, lora_branch
 from lorafit.config import AdapterConfig, ConfigError
 from lorafit.device import default_compute_dtype
 from lorafit.quant.linear4bit import Linear4bit
+from lorafit.lowrank import add_low_rank, principal_factors
 from lorafit.quant.loftq import loftq_quantized
 
-PISSA_SEED = 0  # the randomised SVD of pissa_niter_K is seeded so a resumed run rebuilds the same residual
+PISSA_A0, PISSA_B0 = "pissa_initial_A", "pissa_initial_B"  # the layer buffers pissa_init registers
 
 
 def initialize(layer: LoraLinear, config: AdapterConfig) -> None:
@@ -30,20 +36,6 @@ def initialize(layer: LoraLinear, config: AdapterConfig) -> None:
         loftq_init(layer, config.loftq_iter)
     else:
         layer.reset_parameters(config.init)
-
-
-def principal_factors(weight: torch.Tensor, r: int, scaling: float, niter: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with s·B A = the best rank-r approximation of `weight` (out, in): exact SVD, or randomised with niter."""
-    if niter is None:
-        u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)  # u (out, k), sigma (k,), vh (k, in)
-        u, sigma, vh = u[:, :r], sigma[:r], vh[:r]
-    else:
-        with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
-            torch.manual_seed(PISSA_SEED)
-            u, sigma, v = torch.svd_lowrank(weight, q=r, niter=niter)  # u (out, r), sigma (r,), v (in, r)
-        vh = v.t()
-    root = (sigma / scaling).sqrt()  # (r,)
-    return root[:, None] * vh, u * root[None, :]  # A (r, in), B (out, r)
 
 
 def pissa_init(layer: LoraLinear, niter: int | None = None) -> None:
@@ -61,21 +53,42 @@ def pissa_init(layer: LoraLinear, niter: int | None = None) -> None:
         lora_a, lora_b = principal_factors(original, layer.r, layer.scaling, niter)
         layer.lora_A.weight.copy_(lora_a)
         layer.lora_B.weight.copy_(lora_b)
-        layer.pissa_initial_A = layer.lora_A.weight.detach().clone()
-        layer.pissa_initial_B = layer.lora_B.weight.detach().clone()
-        layer.write_base(original - layer.delta_weight())
+        layer.register_buffer(PISSA_A0, layer.lora_A.weight.detach().clone(), persistent=False)
+        layer.register_buffer(PISSA_B0, layer.lora_B.weight.detach().clone(), persistent=False)
+        layer.write_base(add_low_rank(original, layer.lora_A.weight, layer.lora_B.weight, -layer.scaling))
     layer.reset_magnitude()
+
+
+def initial_factors(layer: LoraLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A0, B0) of a PiSSA layer, whose base holds W0 - s·B0 A0; None for every other init (the base is W0)."""
+    a0, b0 = getattr(layer, PISSA_A0, None), getattr(layer, PISSA_B0, None)
+    return None if a0 is None else (a0, b0)
+
+
+@contextmanager
+def original_base(layer: LoraLinear) -> Iterator[None]:
+    """Within the block the layer's base computes its original weight: a PiSSA residual base adds s·B0 A0 x to its
+    output (a forward hook, no weight copy); any other base is already the original."""
+    factors = initial_factors(layer)
+    if factors is None:
+        yield
+        return
+    a0, b0 = factors
+    handle = layer.base_layer.register_forward_hook(lambda _, args, out: lora_branch(out, args[0], a0, b0, layer.scaling))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def restore_pissa_base(layer: LoraLinear) -> None:
     """Give a PiSSA layer its original weight back (residual + s·B0 A0), e.g. when the adapter is detached."""
-    if layer.pissa_initial_A is None:
+    factors = initial_factors(layer)
+    if factors is None:
         return
+    a0, b0 = factors
     with torch.no_grad():
-        a0, b0 = layer.pissa_initial_A, layer.pissa_initial_B
-        dtype = torch.promote_types(a0.dtype, torch.float32)
-        residual = dense_weight(layer.base_layer).to(dtype)
-        layer.write_base(residual + layer.scaling * (b0.to(dtype) @ a0.to(dtype)))
+        layer.write_base(add_low_rank(dense_weight(layer.base_layer), a0, b0, layer.scaling))
 
 
 def loftq_init(layer: LoraLinear, iterations: int = 1, double_quant: bool = True,

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorafit.adapters.init import initial_factors
 from lorafit.adapters.model import TARGETS_ATTR, adapter_config, attach, lora_layers
 from lorafit.adapters.targets import minimal_suffixes
 from lorafit.config import AdapterConfig, ConfigError
@@ -96,7 +97,7 @@ def pissa_as_lora(model: nn.Module, tensors: dict[str, torch.Tensor],
     tensors = dict(tensors)
     for name, layer in lora_layers(model).items():
         key = KEY_PREFIX + name
-        a0, b0 = layer.pissa_initial_A, layer.pissa_initial_B
+        a0, b0 = initial_factors(layer)
         tensors[f"{key}.lora_A.weight"] = torch.cat([tensors[f"{key}.lora_A.weight"], a0.to(layer.lora_A.weight.dtype)], 0)
         tensors[f"{key}.lora_B.weight"] = torch.cat([tensors[f"{key}.lora_B.weight"], -b0.to(layer.lora_B.weight.dtype)], 1)
     alpha_factor = math.sqrt(2) if peft_config["use_rslora"] else 2
@@ -167,7 +168,7 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
             use_rslora=bool(raw.get("use_rslora", False)),
             use_dora=bool(raw.get("use_dora", False)),
             bias=raw.get("bias", "none"),
-            init="default" if init in (True, False) else init,
+            init=True if init is False else init,  # False (PEFT's random B) is overwritten by the saved weights
             loftq_iter=(raw.get("loftq_config") or {}).get("loftq_iter", 1),
             rank_pattern=raw.get("rank_pattern") or {},
             alpha_pattern=raw.get("alpha_pattern") or {},

@@ -24,6 +24,7 @@ from lorafit.adapters.branch import (
     masked_input_grad,
 )
 from lorafit.adapters.dora import dora_branch, dora_row_norms
+from lorafit.lowrank import add_low_rank, update_dtype
 
 
 class _LoraBranch(torch.autograd.Function):
@@ -81,12 +82,9 @@ class LoraLinear(nn.Module):
             nn.Parameter(torch.ones(self.out_features, device=weight.device, dtype=dtype)) if use_dora else None
         )
         self.r, self.alpha, self.scaling, self.dropout, self.use_dora = r, alpha, scaling, dropout, use_dora
-        self.merged = False
-        self.disabled = False
+        self.merged = False  # the base weight holds merged_weight(): the adapter is folded in
+        self.disabled = False  # the adapter is switched off (adapters_disabled): the base layer alone computes
         self._merge_factor: torch.Tensor | None = None  # DoRA's m / norm at merge time, to unmerge exactly
-        # PiSSA's initial factors (set by adapters.init): the base holds W0 - s·B0 A0, so they give back W0
-        self.register_buffer("pissa_initial_A", None, persistent=False)
-        self.register_buffer("pissa_initial_B", None, persistent=False)
         self.train(base_layer.training)  # a model attached in eval mode must not start dropping out
         self.reset_parameters("default")
 
@@ -108,49 +106,28 @@ class LoraLinear(nn.Module):
                 self.lora_magnitude_vector.copy_(norms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if not self.disabled:
-            if self.merged:
-                return out
-            p = self.dropout if self.training else 0.0
-            a, b = self.lora_A.weight, self.lora_B.weight
-            if self.use_dora:
-                return dora_branch(out, x, a, b, self.lora_magnitude_vector, self.base_layer, self.scaling, p)
-            return lora_branch(out, x, a, b, self.scaling, p)
-        # disabled: compute as the original base layer (the reference policy for GRPO), without a weight copy
-        if self.merged:
-            out = self._unmerged_output(out, x)
-        if self.pissa_initial_A is not None:
-            out = lora_branch(out, x, self.pissa_initial_A, self.pissa_initial_B, self.scaling)
-        return out
-
-    def _unmerged_output(self, merged_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The base layer's output before merging, W0 x + bias, from the output of the merged weight."""
+        out = self.base_layer(x)  # (..., out)
+        if self.merged or self.disabled:  # the base layer computes the whole output
+            return out
+        p = self.dropout if self.training else 0.0
+        a, b = self.lora_A.weight, self.lora_B.weight
         if self.use_dora:
-            bias = getattr(self.base_layer, "bias", None)
-            shift = bias if bias is not None else 0.0
-            merged_out = (merged_out - shift) / self._merge_factor.to(merged_out.dtype) + shift
-        return lora_branch(merged_out, x, self.lora_A.weight, self.lora_B.weight, -self.scaling)
-
-    def delta_weight(self) -> torch.Tensor:
-        """s · B A as an (out, in) matrix, in fp32 or wider."""
-        dtype = torch.promote_types(self.lora_A.weight.dtype, torch.float32)
-        return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling  # (out, in)
+            return dora_branch(out, x, a, b, self.lora_magnitude_vector, self.base_layer, self.scaling, p)
+        return lora_branch(out, x, a, b, self.scaling, p)
 
     def merged_weight(self) -> torch.Tensor:
         """The weight that computes this layer alone, (out, in), fp32 or wider: W0 + s·B A, or with DoRA
         (m / ||W0 + s·B A||_row) ⊙ (W0 + s·B A). For a merged layer this is the base weight as it stands."""
         if self.merged:
-            return dense_weight(self.base_layer).to(torch.promote_types(self.lora_A.weight.dtype, torch.float32))
+            return dense_weight(self.base_layer).to(update_dtype(self.lora_A.weight))
         return self._merge_parts()[0]
 
     def _merge_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(merged weight, DoRA factor m / norm or None) computed from the unmerged base."""
-        delta = self.delta_weight()
-        weight = dense_weight(self.base_layer).to(delta.dtype) + delta
+        weight = add_low_rank(dense_weight(self.base_layer), self.lora_A.weight, self.lora_B.weight, self.scaling)
         if not self.use_dora:
             return weight, None
-        factor = self.lora_magnitude_vector.detach().to(delta.dtype) / torch.linalg.vector_norm(weight, dim=1)
+        factor = self.lora_magnitude_vector.detach().to(weight.dtype) / torch.linalg.vector_norm(weight, dim=1)
         return weight * factor[:, None], factor
 
     def merge(self) -> None:
@@ -167,12 +144,11 @@ class LoraLinear(nn.Module):
         if not self.merged:
             return
         with torch.no_grad():
-            delta = self.delta_weight()
-            weight = dense_weight(self.base_layer).to(delta.dtype)
+            weight = dense_weight(self.base_layer).to(update_dtype(self.lora_A.weight))
             if self.use_dora:
                 weight = weight / self._merge_factor[:, None]
                 self._merge_factor = None
-            self.write_base(weight - delta)
+            self.write_base(add_low_rank(weight, self.lora_A.weight, self.lora_B.weight, -self.scaling))
         self.merged = False
 
     def write_base(self, weight: torch.Tensor) -> None:

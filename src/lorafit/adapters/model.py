@@ -5,13 +5,13 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lorafit.adapters.init import initialize, restore_pissa_base
+from lorafit.adapters.init import initialize, original_base, restore_pissa_base
 from lorafit.adapters.lora import LoraLinear
 from lorafit.adapters.targets import select_targets
 from lorafit.config import (
@@ -94,15 +94,20 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model computes as its base (the reference policy for GRPO); no weight copy."""
-    layers = list(lora_layers(model).values())
-    for layer in layers:
-        layer.disabled = True
-    try:
+    """Within the block the model computes as its original base (the reference policy for GRPO); no weight copy.
+
+    Each layer's adapter is switched off and its base computes the original weight (original_base: PiSSA adds its
+    initial factors back to the residual). A merged layer is unmerged for the block and merged again after it.
+    """
+    with ExitStack() as stack:
+        for layer in lora_layers(model).values():
+            if layer.merged:
+                layer.unmerge()
+                stack.callback(layer.merge)
+            layer.disabled = True
+            stack.callback(setattr, layer, "disabled", False)
+            stack.enter_context(original_base(layer))
         yield model
-    finally:
-        for layer in layers:
-            layer.disabled = False
 
 
 @dataclass

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from lorafit.data.sources import Example
 
-IGNORE = -100
+IGNORE = -100  # the label of a position that has no target (PyTorch's and transformers' ignore_index)
 _PROGRESS_MIN_EXAMPLES = 2000
 
 

@@ -6,7 +6,6 @@ unless a model is passed in (then target_modules are resolved exactly instead of
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,7 +14,15 @@ from torch import nn
 
 from lorafit.adapters.io import read_adapter_config
 from lorafit.adapters.targets import TargetError, name_matches, select_targets
-from lorafit.config import HEALTHY_SCALE, AdapterConfig, lora_scale, scale_warning
+from lorafit.config import (
+    HEALTHY_SCALE,
+    PYTHON_NAMES,
+    RSLORA_MIN_RANK,
+    AdapterConfig,
+    alpha_for_scale,
+    lora_scale,
+    scale_advice,
+)
 from lorafit.run_config import RunConfig
 
 # Adam moves every entry of A and B by about lr per step whatever the gradient's size, so the effective
@@ -23,7 +30,6 @@ from lorafit.run_config import RunConfig
 # to ~1e-3 (2e-4 x alpha=2r gives 4e-4; the quickstart's short run on a tiny task uses 1e-3 x 2 = 2e-3, the
 # edge); above that, loss spikes and divergence become common.
 LR_SCALE_HIGH = 2e-3
-RSLORA_MIN_RANK = 32  # from here alpha/r shrinks updates enough that rank-stabilised scaling matters (rsLoRA paper)
 
 # Typical feed-forward layer names (Llama/Qwen/Mistral, GPT-2, Mixtral, Falcon/GPT-NeoX, OPT/Phi) used to
 # judge a list or regex of target_modules when no model is at hand.
@@ -69,7 +75,7 @@ def check_run_config(
     adapter = _adapter_of(config)
     checks = _scale_checks(adapter, config.training.lr)
     checks += _target_checks(adapter, model)
-    checks += _quantisation_checks(adapter, getattr(config, "quantize", None))  # the QLoRA work adds this key
+    checks += _quantisation_checks(adapter, config.quantize)
     checks += _history_checks(adapter, previous_findings or [])
     return checks
 
@@ -83,18 +89,16 @@ def format_checks(checks: Iterable[Check], title: str = "config checks") -> str:
 
 
 def _adapter_of(config: RunConfig) -> AdapterConfig:
-    init_adapter = getattr(config, "init_adapter", None)
-    return read_adapter_config(init_adapter) if init_adapter else config.adapter
+    return read_adapter_config(config.init_adapter) if config.init_adapter else config.adapter
 
 
 def _scale_checks(adapter: AdapterConfig, lr: float) -> list[Check]:
     checks = []
-    text = scale_warning(adapter)
-    if text is not None:
-        message, _, fix = text.partition(": ")
-        checks.append(Check("warning", "scale_out_of_range", message + ".", fix))
+    advice = scale_advice(adapter.alpha, adapter.r, adapter.use_rslora)
+    if advice is not None:
+        checks.append(Check("warning", "scale_out_of_range", advice.problem() + ".", advice.fix(PYTHON_NAMES)))
     elif not adapter.use_rslora and adapter.r >= RSLORA_MIN_RANK:
-        keep = adapter.scale * math.sqrt(adapter.r)  # the alpha whose alpha/sqrt(r) equals today's scale
+        keep = alpha_for_scale(adapter.scale, adapter.r, True)  # the alpha whose alpha/sqrt(r) equals today's scale
         checks.append(Check(
             "info", "rslora_recommended",
             f"r={adapter.r} uses alpha/r scaling, which shrinks the update as r grows; from r >= {RSLORA_MIN_RANK} "

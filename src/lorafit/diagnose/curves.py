@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from lorafit.config import HEALTHY_SCALE, lora_scale
+from lorafit.config import HEALTHY_SCALE, RUN_FILE_NAMES, scale_advice
 from lorafit.diagnose.findings import Diagnosis, Finding
+from lorafit.quant import QUANT_SCHEMES
 from lorafit.run_config import RunConfig
 from lorafit.run_dir import RunDir, RunDirError, checkpoint_step
 
@@ -64,7 +65,6 @@ GAP_MIN_ROWS = 8            # ... which are >= 8, so that one smoothed stretch c
 MONITOR_EVERY = 10          # the live monitor re-runs the detectors after 10 rows or 2% of the rows so far,
 MONITOR_GROWTH = 50         # whichever is more (NaN at once): findings lag <= 2% of the run, total cost ~ n log n
 MONITOR_SHAPE_PROGRESS = 0.5  # live: plateau shapes are judged only past half of the planned steps
-FOUR_BIT = ("nf4", "fp4")   # values of the top-level `quantize` key that mean a 4-bit base
 
 LEARNING_CURVE_METHODS = frozenset({"sft"})  # methods whose loss is the learning curve these detectors judge;
                             # GRPO's loss is a policy-gradient surrogate (near 0 by construction): its report shows rewards
@@ -362,16 +362,11 @@ def _sluggish(curve: _Curve | None, config: Mapping[str, Any], baseline: _Curve 
     advice = ""
     adapter = _section(config, "adapter")
     r, alpha, rslora = adapter.get("r"), _number(adapter.get("alpha")), bool(adapter.get("use_rslora", False))
-    scale = lora_scale(alpha, r, rslora) if _positive_int(r) and alpha and alpha > 0 else None
-    if scale is not None and scale < HEALTHY_SCALE[0]:
-        rule = "alpha/sqrt(r)" if rslora else "alpha/r"
-        evidence.update({"r": r, "alpha": _r(alpha), "use_rslora": rslora, "scale": _r(scale),
+    scale = scale_advice(alpha, r, rslora) if _positive_int(r) and alpha and alpha > 0 else None
+    if scale is not None and scale.too_low:
+        evidence.update({"r": r, "alpha": _r(alpha), "use_rslora": rslora, "scale": _r(scale.scale),
                          "healthy_min_scale": HEALTHY_SCALE[0]})
-        fixes = [f"raise adapter.alpha to at least {HEALTHY_SCALE[0] / lora_scale(1.0, r, rslora):g}"]
-        if not rslora:
-            fixes.append(f"set adapter.use_rslora: true (scale {lora_scale(alpha, r, True):.3g})")
-        advice = (f"The effective scale {rule} = {_r(alpha):g}/{'sqrt(' + str(r) + ')' if rslora else r} = {scale:.3g} "
-                  f"is below {HEALTHY_SCALE[0]}, so updates crawl: {' or '.join(fixes)}.")
+        advice = f"The {scale.text(RUN_FILE_NAMES)}"
     compared = _slower_than_baseline(curve, config, baseline, baseline_config, notes) if baseline else None
     if compared is not None:
         evidence.update(compared)
@@ -537,7 +532,7 @@ def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
 
 
 def _is_4bit(config: Mapping[str, Any] | None) -> bool:
-    return str((config or {}).get("quantize") or "").lower() in FOUR_BIT
+    return str((config or {}).get("quantize") or "").lower() in QUANT_SCHEMES
 
 
 def _planned_steps(config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> float | None:

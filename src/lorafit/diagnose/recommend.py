@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorafit.config import ConfigError, lora_scale
+from lorafit.config import HEALTHY_SCALE, RSLORA_MIN_RANK, ConfigError, lora_scale, scale_rule
 from lorafit.diagnose.memory import GB, MemoryEstimate, estimate_memory
 from lorafit.diagnose.model_shape import ModelShape, model_shape
 
 SHIFTS = ("narrow", "moderate", "strong")
-RSLORA_FROM_RANK = 32
 TARGET_SCALE = 2.0  # alpha/r = 2 (alpha = 2r), the usual LoRA choice; rsLoRA keeps alpha/sqrt(r) there instead
 WARMUP_FRACTION = 0.03  # QLoRA's warmup ratio
 QLORA_RANKS = (16, 64)
@@ -127,17 +126,16 @@ def _alpha(r: int, use_rslora: bool) -> int:
 
 
 def _adapter_choices(result: Recommendation, r: int, rank_reason: str, examples: int, quantize: bool) -> None:
-    use_rslora = r >= RSLORA_FROM_RANK
+    use_rslora = r >= RSLORA_MIN_RANK
     alpha = _alpha(r, use_rslora)
-    rule = f"alpha/sqrt(r) = {alpha}/sqrt({r})" if use_rslora else f"alpha/r = {alpha}/{r}"
     dropout = 0.05 if examples < 1000 else 0.0
     result.adapter = {
         "r": Choice(r, rank_reason),
-        "alpha": Choice(alpha, f"effective scale {rule} = {lora_scale(alpha, r, use_rslora):.2f}, "
-                               "inside the 0.5-4 range where LoRA trains well"),
-        "use_rslora": Choice(use_rslora, f"rank-stabilised scaling from r {RSLORA_FROM_RANK}: alpha/r would shrink "
+        "alpha": Choice(alpha, f"effective scale {scale_rule(alpha, r, use_rslora)} = {lora_scale(alpha, r, use_rslora):.2f}, "
+                               f"inside the {HEALTHY_SCALE[0]:g}-{HEALTHY_SCALE[1]:g} range where LoRA trains well"),
+        "use_rslora": Choice(use_rslora, f"rank-stabilised scaling from r {RSLORA_MIN_RANK}: alpha/r would shrink "
                                          "updates as r grows" if use_rslora else
-                             f"below r {RSLORA_FROM_RANK} plain alpha/r scaling is fine"),
+                             f"below r {RSLORA_MIN_RANK} plain alpha/r scaling is fine"),
         "target_modules": Choice("all-linear", "every linear layer of each block (not the head): attention-only "
                                                "adapters learn formats but little new knowledge (QLoRA paper)"),
         "dropout": Choice(dropout, "a light regulariser on little data" if dropout else

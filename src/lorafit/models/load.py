@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Collection
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -19,12 +20,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lorafit.adapters.lora import LoraLinear
 from lorafit.config import LorafitWarning
 from lorafit.device import default_compute_dtype, default_device
 from lorafit.fileio import atomic_directory
 from lorafit.models.zoo import KNOWN_MODELS, fetch_gguf, model_cache_dir
-from lorafit.quant import Linear4bit, QuantizationError, check_scheme, quantize_nf4
+from lorafit.quant import QUANT_SCHEMES, Linear4bit, QuantizationError, check_scheme, quantize_nf4
 
 FLOAT_CHECKPOINT = "float"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -56,7 +56,7 @@ def load_model(
         try:
             check_scheme(quantize)
         except QuantizationError as err:
-            raise ModelLoadError(f"quantize={quantize!r} is not supported: use None or one of: nf4.") from err
+            raise ModelLoadError(f"quantize={quantize!r} is not supported: use None or one of: {', '.join(QUANT_SCHEMES)}.") from err
     if name_or_path in KNOWN_MODELS:
         folder, gguf_file = _known_model_folder(name_or_path), None
     elif str(name_or_path).endswith(".gguf"):
@@ -144,15 +144,14 @@ def _known_model_folder(name: str) -> Path:
 def block_linear_names(model: nn.Module) -> list[str]:
     """Names of the nn.Linear layers inside the transformer blocks (any nn.ModuleList): the layers NF4 replaces.
 
-    The input embeddings, the output head and adapters' own lora_A / lora_B are never included.
+    The input embeddings and the output head are never included. Meant for a base model: quantise before adapters
+    are attached (lorafit.adapters.prepare.prepare_model does both in that order).
     """
     lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
     excluded = {id(m) for m in (_call_or_none(model, "get_input_embeddings"), _call_or_none(model, "get_output_embeddings")) if m}
-    adapters = [name for name, module in model.named_modules() if isinstance(module, LoraLinear)]
     return [name for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and id(module) not in excluded
-            and any(name.startswith(prefix + ".") for prefix in lists)
-            and not any(name.startswith(adapter + ".lora_") for adapter in adapters)]
+            and any(name.startswith(prefix + ".") for prefix in lists)]
 
 
 def _call_or_none(model: nn.Module, method: str) -> nn.Module | None:
@@ -176,13 +175,17 @@ def _to_nf4(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.devic
 
 
 def quantize_block_linears(model: nn.Module, *, double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
-                           device: torch.device | str | None = None) -> list[str]:
-    """Replace the block linears of a loaded model by Linear4bit, one at a time; returns their names.
+                           device: torch.device | str | None = None, skip: Collection[str] = ()) -> list[str]:
+    """Replace the block linears of a loaded base model by Linear4bit, one at a time; returns their names.
 
     Each layer is quantised on `device` (default: where its weight is) and its float weight is freed
-    in turn, so the peak is the float model plus one layer.
+    in turn, so the peak is the float model plus one layer. Layers named in `skip` stay as they are
+    (LoftQ's targets, which its init quantises itself).
     """
-    names = _require_block_linears(model, getattr(model, "name_or_path", type(model).__name__))
+    source = getattr(model, "name_or_path", type(model).__name__)
+    if any(hasattr(module, "lora_A") for module in model.modules()):
+        raise ModelLoadError(f"{source!r} already carries adapters: quantise the base model before attaching them.")
+    names = [name for name in _require_block_linears(model, source) if name not in skip]
     for name in names:
         linear = model.get_submodule(name)
         target = torch.device(device) if device is not None else linear.weight.device

@@ -1,7 +1,7 @@
 """LoftQ: start LoRA from factors that absorb the NF4 quantisation error, W ≈ Q + s·B A.
 
 All in fp32 from BA = 0: for each iteration, Q = NF4(W - s·BA), then B, A = the rank-r SVD of W - Q
-split symmetrically, B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_rᵀ. `loftq_quantized` (what lorafit's
+split symmetrically (lorafit.lowrank.principal_factors). `loftq_quantized` (what lorafit's
 init='loftq' uses) quantises with the base's own settings and compensates the scale s = alpha/r;
 `loftq_factors` is PEFT's loftq_init exactly (no double quantisation, scale not compensated: exact only
 when alpha / r = 1, FACTS §5), kept as the reference the tests compare with bitsandbytes.
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafit.lowrank import add_low_rank, principal_factors
 from lorafit.quant.nf4 import NF4Tensor, QuantizationError, dequantize_nf4, quantize_nf4
 
 
@@ -38,12 +39,9 @@ def loftq_quantized(weight: torch.Tensor, r: int, iterations: int = 1, blocksize
     residual = target
     for step in range(iterations):
         q = quantize_nf4(residual, blocksize=blocksize, double_quant=double_quant)
-        u, s, vh = torch.linalg.svd(target - dequantize_nf4(q, torch.float32), full_matrices=False)
-        root = (s[:r] / scaling).sqrt()  # (r,)
-        lora_b = u[:, :r] * root  # (out, r)
-        lora_a = root.unsqueeze(1) * vh[:r]  # (r, in)
+        lora_a, lora_b = principal_factors(target - dequantize_nf4(q, torch.float32), r, scaling)  # (r, in), (out, r)
         if step + 1 < iterations:
-            residual = target - scaling * (lora_b @ lora_a)
+            residual = add_low_rank(target, lora_a, lora_b, -scaling)
     return q, lora_a, lora_b
 
 

@@ -22,7 +22,7 @@ NF4_CODE: tuple[float, ...] = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
-QUANT_SCHEMES = ("nf4",)
+QUANT_SCHEMES = ("nf4",)  # the values `quantize` may take (RunConfig, load_model); each means a 4-bit base
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NESTED_BLOCKSIZE = 256  # double quantisation: one fp32 scale per 256 absmax codes

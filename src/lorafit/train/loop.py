@@ -20,13 +20,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorafit.adapters.io import load_adapter, read_adapter_config, save_adapter
-from lorafit.adapters.model import attach, parameter_report
-from lorafit.device import bf16_worthwhile, default_compute_dtype, peak_memory_mib, reset_peak_memory
+from lorafit.adapters.io import read_adapter_config, save_adapter
+from lorafit.adapters.model import parameter_report
+from lorafit.adapters.prepare import prepare_model, quantize_at_load
+from lorafit.device import bf16_worthwhile, peak_memory_mib, reset_peak_memory
 from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, has_learning_curve
 from lorafit.finish import finish_run
-from lorafit.models import block_linear_names, load_model, quantize_block_linears
+from lorafit.models import load_model
 from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, to_dict
 from lorafit.run_dir import MetricsLog, RunDir
 from lorafit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
@@ -96,7 +97,7 @@ def load_base_model(state: RunState) -> None:
     so (except with LoftQ, which quantises while it initialises: see attach_adapter); timed as load_model."""
     config = state.config
     with state.timed("load_model"):
-        quantize = None if _adapter_init(config) == "loftq" else config.quantize
+        quantize = quantize_at_load(_adapter_init(config), config.quantize)
         state.model, state.tokenizer = load_model(config.model, dtype=DTYPES[config.dtype], quantize=quantize,
                                                   double_quant=config.double_quant)
 
@@ -104,15 +105,12 @@ def load_base_model(state: RunState) -> None:
 def attach_adapter(model: nn.Module, config: RunConfig) -> None:
     """Attach a fresh adapter (config.adapter) or a saved one (config.init_adapter, trainable) and print the report.
 
-    With LoftQ the adapted layers were quantised by their init; the other block linears are quantised here.
+    With LoftQ, prepare_model quantises the block linears it does not adapt, then the init quantises the adapted ones.
     """
+    prepare_model(model, config.init_adapter or config.adapter, quantize=config.quantize,
+                  double_quant=config.double_quant, warn_scale=False)  # the config checks have said it already
     if config.init_adapter:
-        load_adapter(model, config.init_adapter, trainable=True)
         print(f"adapter initialised from {config.init_adapter}")
-    else:
-        attach(model, config.adapter, warn_scale=False)  # the config checks have said it already
-    if config.quantize and _adapter_init(config) == "loftq" and block_linear_names(model):  # layers not adapted
-        quantize_block_linears(model, double_quant=config.double_quant, compute_dtype=default_compute_dtype(model.device))
     print(parameter_report(model))
     if config.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

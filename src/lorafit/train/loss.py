@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.data.chat import IGNORE
 from lorafit.device import CHUNK_ROWS
-
-IGNORE = -100
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
