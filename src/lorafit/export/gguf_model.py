@@ -26,7 +26,7 @@ from lorafit.export.gguf_types import TensorChoice, check_export_type, choose_ty
 OUTPUT_HEAD_KEY = "lm_head.weight"
 
 
-def export_model_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path,
+def export_model_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, path: str | Path,
                       export_type: str = "q8_0", *, tokenizer_gguf: str | Path | None = None,
                       name: str | None = None) -> GGUFExport:
     """Merge the model's adapter (if any; 4-bit bases are dequantised) and write it to `path` as GGUF.
