@@ -63,3 +63,20 @@ def test_results_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "c.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_atomic_file_keeps_the_old_file_on_error_and_fsyncs_the_new_one(tmp_path, monkeypatch):
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), fileio.atomic_file(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash while writing")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(fileio.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    with fileio.atomic_file(target) as tmp:
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # not visible under the final name before the block ends
+    assert target.read_bytes() == b"new" and synced
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

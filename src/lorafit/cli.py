@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="output folder")
     merge.set_defaults(handler=_merge)
 
+    export = commands.add_parser("export", help="export to GGUF for llama.cpp / Ollama (merged model or adapter)",
+                                 description="--gguf: merge the adapter in fp32 and write one GGUF file (f32, f16, bf16, "
+                                             "q8_0 or q4_0) with the tokenizer and chat template, plus an Ollama "
+                                             "Modelfile beside it. --gguf-adapter: the LoRA adapter alone as llama.cpp's "
+                                             "adapter GGUF (llama-cli --lora, Ollama ADAPTER).")
+    export.add_argument("--model", required=True, help="short name, folder, .gguf file or hub id of the base")
+    export.add_argument("--adapter", help="adapter folder (required with --gguf-adapter)")
+    output = export.add_mutually_exclusive_group(required=True)
+    output.add_argument("--gguf", help="merged model file to write, e.g. out/model.gguf")
+    output.add_argument("--gguf-adapter", help="adapter file to write, e.g. out/adapter.gguf")
+    export.add_argument("--type", help="with --gguf: f32, f16, bf16, q8_0 (default) or q4_0")
+    export.set_defaults(handler=_export)
+
     check = commands.add_parser("check", help="check a run file and audit its data before training",
                                 description="Config checks (effective scale, rsLoRA, lr x scale, targets, 4-bit "
                                             "without LoftQ) and a dataset audit (lengths, truncation, duplicates, "
@@ -206,6 +219,31 @@ def _merge(args: argparse.Namespace) -> int:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     print(f"merged model saved to {args.out} (load it with transformers' from_pretrained)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lorafit.export import export_adapter_gguf, export_model_gguf, source_gguf, write_modelfile
+    from lorafit.export.gguf_file import check_output_path
+    from lorafit.export.gguf_types import check_export_type
+
+    if args.gguf_adapter:
+        if args.type:
+            raise ValueError("--type applies to --gguf only; adapter tensors are written in F32.")
+        if not args.adapter:
+            raise ValueError("--gguf-adapter needs --adapter DIR, the adapter to export.")
+        check_output_path(args.gguf_adapter, "--gguf-adapter")
+        model, _ = _load(args.model, args.adapter)
+        print(export_adapter_gguf(model, args.gguf_adapter).summary())
+        return 0
+    export_type = args.type or "q8_0"
+    check_export_type(export_type)
+    check_output_path(args.gguf, "--gguf")
+    model, tokenizer = _load(args.model, args.adapter)
+    result = export_model_gguf(model, tokenizer, args.gguf, export_type, tokenizer_gguf=source_gguf(args.model),
+                               name=Path(args.model).stem)
+    print(result.summary())
+    print(f"wrote {write_modelfile(args.gguf, tokenizer)} (ollama create NAME -f it)")
     return 0
 
 

@@ -25,18 +25,30 @@ def _give_default_mode(path: Path, is_dir: bool) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary file path beside `path` for a writer that wants a path (e.g. GGUFWriter).
+
+    On success the file is fsynced and renamed over `path`; on error it is removed, so `path` is
+    either the previous file or the complete new one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        _give_default_mode(Path(tmp), is_dir=False)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
+        _give_default_mode(tmp, is_dir=False)
+        yield tmp
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
