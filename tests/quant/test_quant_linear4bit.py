@@ -163,8 +163,12 @@ def test_compute_dtype_and_output_dtype():
     x = torch.randn(2, 192, dtype=torch.bfloat16)
     out = layer(x)
     assert out.dtype == torch.bfloat16  # computed in fp32, cast back to the input's dtype (as bitsandbytes)
-    reference = (x.float() @ layer.dequantize(torch.float32).t() + layer.bias.float()).to(torch.bfloat16)
+    # the same fp32 call: a matmul then "+ bias" rounds differently from F.linear's fused bias on some CPUs
+    reference = nn.functional.linear(x.float(), layer.dequantize(torch.float32), layer.bias.float()).to(torch.bfloat16)
     assert torch.equal(out, reference)
+    exact = x.double() @ layer.dequantize(torch.float64).t() + layer.bias.double()
+    # rounding to bf16 moves a value by at most 2^-8 of itself (its unit roundoff); the fp32 sums add ~1e-6
+    torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-5)
 
 
 def test_lora_wraps_a_4bit_base():
