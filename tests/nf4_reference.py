@@ -6,9 +6,10 @@ absmax (as bitsandbytes' kernels do), then the nearest code-book value chosen in
 decision threshold goes to the lower code; the thresholds are the fp32 midpoints of neighbouring codes, as
 the kernels compute them (some differ from the exact midpoint by half an ulp, which decides such a value).
 
-bitsandbytes 0.50.2's native CPU `dequantize_4bit` (used where torch reports AVX-512) is wrong when a row
-(the last dimension) does not hold whole blocks: a 32x32 weight comes back with relative error 0.37 instead
-of 0.09, while AVX2 machines use bitsandbytes' plain torch path and agree. So every comparison with
+bitsandbytes 0.50.2's native CPU `dequantize_4bit` is wrong on AVX-512 machines (an Intel Xeon with AMX, an
+AMD EPYC) when a row (the last dimension) is even and not a whole number of blocks: a 32x32 weight comes back
+with relative error 0.37 instead of 0.09 (its codes and absmax are right), while AVX2 machines agree. Which
+kernel runs depends on the CPU, not on torch's settings. So every comparison with
 bitsandbytes goes through `bnb_quantize`/`bnb_dequantize`, which accept only the shapes in `BNB_SHAPES`
 (rows of whole blocks of >= 64 values); test_quant_nf4 checks that bitsandbytes equals `reference_nf4` on
 each of them, so a bitsandbytes change that breaks one fails there, by name.
