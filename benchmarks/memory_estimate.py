@@ -45,9 +45,10 @@ from common import (
     run_worker,
     save_results,
 )
+from peak_memory import measure_peak_bytes
 
 import lorafit
-from lorafit.diagnose.memory import estimate_memory, measure_peak_bytes
+from lorafit.diagnose.memory import estimate_memory
 from lorafit.diagnose.model_shape import model_shape
 from lorafit.train.batches import MicroBatch
 from lorafit.train.sft import train_step

@@ -123,7 +123,9 @@ def test_merge_unmerge_roundtrip(conv1d):
     torch.testing.assert_close(layer.base_layer.weight.detach(), expected, rtol=0, atol=1e-6)
     layer.unmerge()
     torch.testing.assert_close(layer.base_layer.weight.detach(), w0, rtol=0, atol=1e-6)
-    torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=1e-6)
+    # W0 comes back within an ulp or so (W0 + ΔW - ΔW in fp32, ΔW from a CPU-dependent matmul), and outputs of up
+    # to ~10 have ulps of ~1e-6: as for the merged layer above, allow a few ulps
+    torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=1e-5)
 
 
 def test_bf16_autocast_matches_fp32_within_bf16_precision():

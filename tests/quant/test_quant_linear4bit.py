@@ -19,8 +19,8 @@ from lorafit.quant import (
     linear4bit,
     quantize_nf4,
 )
+from nf4_reference import bitsandbytes, check_bnb_shape
 
-bnb = pytest.importorskip("bitsandbytes")
 
 QS_KEY = "weight.quant_state.bitsandbytes__nf4"
 
@@ -39,6 +39,8 @@ def make_linear(n_in: int = 192, n_out: int = 96, bias: bool = True, seed: int =
 
 def bnb_from_state_dict(state: dict, n_in: int, n_out: int) -> nn.Module:
     """bitsandbytes' Linear4bit holding the quantised weight of `state` (as transformers loads pre-quantised weights)."""
+    check_bnb_shape((n_out, n_in), 64)  # its forward dequantises with bitsandbytes' CPU kernel
+    bnb = bitsandbytes()
     layer = bnb.nn.Linear4bit(n_in, n_out, bias="bias" in state, compute_dtype=torch.float32, quant_type="nf4")
     stats = {key[len("weight."):]: value for key, value in state.items() if key.startswith("weight.")}
     layer.weight = bnb.nn.Params4bit.from_prequantized(state["weight"], stats, device="cpu", module=layer)
@@ -49,6 +51,8 @@ def bnb_from_state_dict(state: dict, n_in: int, n_out: int) -> nn.Module:
 
 def bnb_quantised(linear: nn.Linear, double_quant: bool) -> nn.Module:
     """bitsandbytes' own Linear4bit quantising `linear`'s weight (moving it to a device quantises it)."""
+    check_bnb_shape(tuple(linear.weight.shape), 64)
+    bnb = bitsandbytes()
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=torch.float32, compress_statistics=double_quant, quant_type="nf4")
     layer.load_state_dict(linear.state_dict())
@@ -159,8 +163,12 @@ def test_compute_dtype_and_output_dtype():
     x = torch.randn(2, 192, dtype=torch.bfloat16)
     out = layer(x)
     assert out.dtype == torch.bfloat16  # computed in fp32, cast back to the input's dtype (as bitsandbytes)
-    reference = (x.float() @ layer.dequantize(torch.float32).t() + layer.bias.float()).to(torch.bfloat16)
+    # the same fp32 call: a matmul then "+ bias" rounds differently from F.linear's fused bias on some CPUs
+    reference = nn.functional.linear(x.float(), layer.dequantize(torch.float32), layer.bias.float()).to(torch.bfloat16)
     assert torch.equal(out, reference)
+    exact = x.double() @ layer.dequantize(torch.float64).t() + layer.bias.double()
+    # rounding to bf16 moves a value by at most 2^-8 of itself (its unit roundoff); the fp32 sums add ~1e-6
+    torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-5)
 
 
 def test_lora_wraps_a_4bit_base():

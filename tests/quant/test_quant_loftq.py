@@ -1,4 +1,5 @@
-"""LoftQ factors: the algorithm of FACTS §5 against an fp64 reference built on bitsandbytes' quantiser."""
+"""LoftQ factors: the algorithm of FACTS §5 against an fp64 reference built on the fp64 NF4 reference quantiser
+(which equals bitsandbytes', PEFT's quantiser, on these shapes: test_quant_nf4)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,7 @@ from lorafit.quant import (
     loftq_factors,
     quantize_nf4,
 )
-
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
-
-
-@pytest.fixture(autouse=True)
-def eager_bitsandbytes():
-    """bitsandbytes wraps its CPU dequantisation in torch.compile; compiling for each shape takes seconds here."""
-    with torch._dynamo.config.patch(disable=True):
-        yield
+from nf4_reference import reference_nf4
 
 
 def random_weight(n_out: int = 256, n_in: int = 512, seed: int = 0) -> torch.Tensor:
@@ -28,18 +21,17 @@ def random_weight(n_out: int = 256, n_in: int = 512, seed: int = 0) -> torch.Ten
     return torch.randn(n_out, n_in, generator=generator) * 0.02
 
 
-def bnb_nf4(weight: torch.Tensor) -> torch.Tensor:
-    """PEFT's quantiser: bitsandbytes NF4, blocksize 64, no double quantisation; dequantised fp32."""
-    packed, state = bnb_functional.quantize_4bit(weight.float(), blocksize=64, quant_type="nf4", compress_statistics=False)
-    return bnb_functional.dequantize_4bit(packed, state)
+def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """PEFT's quantiser (bitsandbytes NF4, blocksize 64, no double quantisation), as the fp64 reference; fp32."""
+    return reference_nf4(weight.float()).values
 
 
 def reference_loftq(weight: torch.Tensor, r: int, iterations: int):
-    """FACTS §5 with bitsandbytes' quantiser and the SVD in fp64."""
+    """FACTS §5 with the reference NF4 quantiser and the SVD in fp64."""
     target = weight.double()
     residual = target
     for step in range(iterations):
-        q = bnb_nf4(residual.float()).double()
+        q = nf4_round_trip(residual.float()).double()
         u, s, vh = torch.linalg.svd(target - q, full_matrices=False)
         lora_b, lora_a = u[:, :r] * s[:r].sqrt(), s[:r].sqrt().unsqueeze(1) * vh[:r]
         if step + 1 < iterations:
@@ -52,7 +44,7 @@ def test_one_iteration_is_nf4_plus_the_best_rank_r_fit_of_its_error():
     q, lora_a, lora_b = loftq_factors(weight, r)
     assert lora_a.shape == (r, 512) and lora_b.shape == (256, r) and lora_a.dtype == lora_b.dtype == torch.float32
     assert torch.equal(q, dequantize_nf4(quantize_nf4(weight, double_quant=False)))  # BA = 0 at the start
-    assert torch.equal(q, bnb_nf4(weight))
+    assert torch.equal(q, nf4_round_trip(weight))
     s = torch.linalg.svdvals((weight - q).double())
     # symmetric split: BᵀB = AAᵀ = diag(S_r); the fit is optimal (Eckart-Young): residual² = Σ_{i>r} S_i²
     # fp32 SVD of a 256x512 matrix: relative errors ~1e-6 of S_1

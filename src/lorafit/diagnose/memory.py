@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-from torch.profiler import ProfilerActivity, profile
 
 from lorafit.adapters.targets import name_matches
 from lorafit.config import ConfigError
@@ -30,7 +27,6 @@ from lorafit.distributed import STRATEGIES
 from lorafit.diagnose.model_shape import (
     ATTENTION_LINEARS,
     BLOCK_LINEARS,
-    LLAMA_3_8B,
     MLP_LINEARS,
     ModelShape,
     model_shape,
@@ -350,79 +346,3 @@ def _check_settings(method: str, r: int, batch: int, seq: int, precision: str, o
             raise ConfigError(f"{name}={value!r} is invalid: use a positive integer.")
     if not 0 <= dropout < 1:
         raise ConfigError(f"dropout={dropout!r} is invalid: use a number in [0, 1).")
-
-
-def measure_peak_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """Run fn() and return (its result, the peak of CPU bytes allocated minus freed during the call).
-
-    The CPU counterpart of torch.cuda.max_memory_allocated: it replays the allocation events torch.profiler
-    records. Memory held before the call is not counted, nor are allocations made outside PyTorch's
-    allocator (e.g. oneDNN scratch space).
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return result, peak
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The figures commonly quoted for fine-tuning an 8B Llama, and the assumptions under which the estimator reproduces them.
-
-@dataclass(frozen=True)
-class QuotedFigure:
-    """A memory figure quoted for Llama-3-8B, the settings that reproduce it, and whether it can hold at all."""
-
-    label: str
-    quoted_gb: float
-    settings: dict[str, Any]
-    estimate: MemoryEstimate
-    note: str
-
-    @property
-    def ratio(self) -> float:
-        return self.estimate.total / (self.quoted_gb * GB)
-
-
-QUOTED_8B = (
-    ("LoRA, 16-bit base", 18.0,
-     {"method": "lora", "r": 16, "batch": 1, "seq": 512, "precision": "bf16", "optimizer": "adamw",
-      "grad_checkpointing": True},
-     "bf16 base 16.1 GB + fp32 adapters, gradients and AdamW 0.7 GB; small activations with checkpointing"),
-    ("QLoRA (NF4)", 6.0,
-     {"method": "qlora", "r": 16, "batch": 1, "seq": 256, "precision": "bf16", "optimizer": "adamw-8bit",
-      "grad_checkpointing": True},
-     ("NF4 blocks 3.6 GB + bf16 embeddings and head 2.1 GB: already 5.7 GB, so only short sequences, "
-      "checkpointing and 8-bit AdamW stay near 6 GB")),
-    ("full fine-tuning", 60.0,
-     {"method": "full", "batch": 1, "seq": 1024, "precision": "bf16", "optimizer": "adamw-8bit",
-      "grad_checkpointing": False},
-     ("holds only with 8-bit AdamW (2 B/param): fp32 AdamW moments alone are 8 B x 8.03e9 = 64 GB, and "
-      "pure-bf16 AdamW (2 B weights + 2 B gradients + 4 B moments) is 64 GB too, both above 60 GB")),
-)
-
-
-def quoted_8b_figures() -> list[QuotedFigure]:
-    """Estimates for Llama-3-8B under the settings that reproduce each commonly quoted figure."""
-    return [QuotedFigure(label, quoted, settings, estimate_memory(LLAMA_3_8B, **settings), note)
-            for label, quoted, settings, note in QUOTED_8B]
-
-
-def quoted_8b_text() -> str:
-    """The quoted Llama-3-8B figures beside the estimate and the assumptions, as printable lines."""
-    header = (f"Llama-3-8B ({LLAMA_3_8B.parameter_count() / 1e9:.2f}B parameters): quoted vs estimated "
-              "(GB = 1e9 bytes; a figure read in GiB is 7% larger)")
-    lines = [header]
-    for figure in quoted_8b_figures():
-        s = figure.settings
-        assumed = (f"{s['precision']}, {s['optimizer']}, batch {s['batch']} x seq {s['seq']}, "
-                   f"checkpointing {'on' if s['grad_checkpointing'] else 'off'}" + (f", r={s['r']}" if "r" in s else ""))
-        lines.append(f"  {figure.label:<20} quoted ~{figure.quoted_gb:.0f} GB, estimated {figure.estimate.total / GB:.1f} GB "
-                     f"({assumed})\n    {figure.note}")
-    return "\n".join(lines)
-
-
