@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorafit.errors import UserError
+
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_METHODS = ("default", "gaussian", "pissa", "pissa_niter_<K>", "loftq")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -14,7 +16,7 @@ TARGET_SHORTHANDS = ("all-linear", "attention", "mlp")
 HEALTHY_SCALE = (0.5, 4.0)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 

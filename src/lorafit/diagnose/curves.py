@@ -21,6 +21,7 @@ import yaml
 
 from lorafit.config import HEALTHY_SCALE, lora_scale
 from lorafit.diagnose.findings import Diagnosis, Finding
+from lorafit.errors import UserError
 from lorafit.train.checkpoint import list_checkpoints
 from lorafit.train.metrics_log import read_metrics
 
@@ -70,7 +71,7 @@ FOUR_BIT = ("nf4", "fp4")   # values of the top-level `quantize` key that mean a
 _HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-class DiagnoseError(ValueError):
+class DiagnoseError(UserError):
     """A run folder cannot be diagnosed; the message names the file and what is missing."""
 
 

@@ -6,6 +6,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from lorafit.errors import UserError
+
 END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
 
 
@@ -46,11 +48,11 @@ def json_exact_match(prediction: str, reference: str) -> bool:
     """True when the first JSON object in the prediction equals the reference object.
 
     Key order is ignored; value types matter (``3`` differs from ``"3"``).
-    Raises ValueError if the reference itself holds no JSON object.
+    Raises UserError (a ValueError) if the reference itself holds no JSON object.
     """
     expected = _first_json_object(_normalize(reference))
     if expected is None:
-        raise ValueError(f"reference contains no JSON object: {reference!r}")
+        raise UserError(f"reference contains no JSON object: {reference!r}")
     return _first_json_object(_normalize(prediction)) == expected
 
 
@@ -63,7 +65,7 @@ METRICS: dict[str, Callable[[str, str], bool]] = {
 def score(predictions: list[str], references: list[str], metric: str) -> dict[str, Any]:
     """Score paired predictions/references with the named metric ("exact" or "json")."""
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; valid names: {', '.join(sorted(METRICS))}")
+        raise UserError(f"unknown metric {metric!r}; valid names: {', '.join(sorted(METRICS))}")
     if len(predictions) != len(references):
         raise ValueError(
             f"got {len(predictions)} predictions but {len(references)} references"

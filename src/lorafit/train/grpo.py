@@ -74,7 +74,7 @@ class Samples:
     rewards: torch.Tensor  # (N,) weighted total
 
 
-def train(config: RunConfig, *, resume: bool = False) -> RunResult:
+def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = False) -> RunResult:  # issue 13
     """Run GRPO as `config` says; the adapter lands in OUTPUT/adapter (PEFT format)."""
     functions = load_rewards(config.rewards)  # a missing file or function fails before any weight loads
     result = loop.begin_run(config)
@@ -106,7 +106,7 @@ def train(config: RunConfig, *, resume: bool = False) -> RunResult:
     per_epoch = steps_per_epoch(len(train_prompts), t.batch_size)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
     opt = loop.make_optimisation(model, t, total_steps * g.num_iterations)
-    state, log = loop.start_or_resume(out, model, opt, resume)
+    state, log = loop.start_or_resume(out, model, opt, resume, trust_checkpoint)  # issue 13
 
     model.train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -23,14 +23,16 @@ from lorafit.adapters.model import attach, parameter_report
 from lorafit.device import bf16_worthwhile, default_compute_dtype
 from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, diagnose_run
+from lorafit.errors import UserError  # issue 13
 from lorafit.fileio import write_json_atomic, write_text_atomic
 from lorafit.models import block_linear_names, load_model, quantize_block_linears
 from lorafit.report import write_report
 from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, to_dict
-from lorafit.train.checkpoint import (
+from lorafit.train.checkpoint import (  # issue 13: verified, pickle-free checkpoints
     TrainerState,
     list_checkpoints,
-    load_checkpoint,
+    newest_valid_checkpoint,
+    restore_checkpoint,
     save_checkpoint,
 )
 from lorafit.train.metrics_log import MetricsLog
@@ -39,7 +41,7 @@ from lorafit.train.schedule import make_scheduler
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError):  # issue 13: a user error (the advice says which setting to change)
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -134,13 +136,14 @@ def make_optimisation(model: nn.Module, t: TrainingConfig, total_updates: int) -
     return Optimisation(params, optimizer, make_scheduler(optimizer, total_updates, t.warmup_steps, t.schedule))
 
 
-def start_or_resume(out: Path, model: nn.Module, opt: Optimisation, resume: bool) -> tuple[TrainerState, MetricsLog]:
+def start_or_resume(out: Path, model: nn.Module, opt: Optimisation, resume: bool,
+                    trust_checkpoint: bool = False) -> tuple[TrainerState, MetricsLog]:  # issue 13: trust_checkpoint
     """Restore the newest checkpoint when resuming (metrics past it are dropped), else start a fresh metrics log."""
     log = MetricsLog(out / "metrics.jsonl")
-    if resume and (checkpoints := list_checkpoints(out)):
-        state = load_checkpoint(checkpoints[-1], model, opt.optimizer, opt.scheduler)
+    if resume and (saved := newest_valid_checkpoint(list_checkpoints(out), trust_checkpoint=trust_checkpoint)):  # issue 13
+        state = restore_checkpoint(saved, model, opt.optimizer, opt.scheduler)  # issue 13
         log.truncate_after(state.step)
-        print(f"resumed from {checkpoints[-1]} at step {state.step}")
+        print(f"resumed from {saved.path} at step {state.step}")  # issue 13
         return state, log
     log.truncate_after(0)
     return TrainerState(), log

@@ -20,12 +20,13 @@ from typing import Any
 
 from lorafit.config import ConfigError
 from lorafit.data import DataError
+from lorafit.errors import UserError
 from lorafit.run_config import RewardSpec
 
 RESERVED_FIELDS = ("prompts", "completions")
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError):
     """A reward function raised or returned something unusable; the message names the function."""
 
 

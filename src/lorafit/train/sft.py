@@ -35,7 +35,7 @@ from lorafit.train.loop import RunResult, TrainingDiverged
 from lorafit.train.loss import target_loss_sum
 
 
-def train(config: RunConfig, *, resume: bool = False) -> RunResult:
+def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = False) -> RunResult:  # issue 13
     """Run supervised fine-tuning as `config` says; the adapter lands in OUTPUT/adapter (PEFT format)."""
     result = loop.begin_run(config)
     out = result.output_dir
@@ -66,7 +66,7 @@ def train(config: RunConfig, *, resume: bool = False) -> RunResult:
     per_epoch = steps_per_epoch(len(train_set.rows), t.batch_size)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
     opt = loop.make_optimisation(model, t, total_steps)
-    state, log = loop.start_or_resume(out, model, opt, resume)
+    state, log = loop.start_or_resume(out, model, opt, resume, trust_checkpoint)  # issue 13
 
     clock = time.perf_counter()
     model.train()
