@@ -85,6 +85,7 @@ class GRPOConfig:
     epsilon: float = 0.2  # PPO clip range of the ratio to the sampling policy
     scale_rewards: bool = True  # divide advantages by the group's std (else mean-centering only)
     num_iterations: int = 1  # optimiser steps on each batch of samples (>1 makes the clipping bite)
+    reward_timeout_s: float = 60.0  # seconds one call of a reward function may take; longer stops the run
 
 
 @dataclass
@@ -237,6 +238,9 @@ def _validate_grpo(config: RunConfig) -> None:
         raise ConfigError(f"grpo.beta={g.beta!r} must be >= 0 (0 = no KL term, no reference model).")
     if not g.epsilon < 1:
         raise ConfigError(f"grpo.epsilon={g.epsilon!r} must be below 1 (the ratio is clipped to [1-eps, 1+eps]).")
+    if not 0 < g.reward_timeout_s < float("inf"):
+        raise ConfigError(f"grpo.reward_timeout_s={g.reward_timeout_s!r} must be a positive, finite number of seconds "
+                          "(default 60): the longest one call of a reward function may take.")
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
