@@ -83,7 +83,7 @@ def test_adamw_state_round_trips_exactly_and_training_continues_identically(tmp_
 
 def test_bitsandbytes_8bit_adamw_state_round_trips(tmp_path):
     """A state of another shape: int step, a nested dict of uint8 codes and float absmax (bitsandbytes' own)."""
-    bnb = pytest.importorskip("bitsandbytes")  # a declared dependency of the quantisation tests' venv
+    bnb = pytest.importorskip("bitsandbytes")  # in the `test` extra; reported as a skip when absent
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(64, 64))
     optimizer = bnb.optim.AdamW8bit([weight], lr=1e-3, min_8bit_size=16)
@@ -108,7 +108,8 @@ def test_bitsandbytes_8bit_adamw_state_round_trips(tmp_path):
 
 def test_state_trees_keep_key_types_tuples_and_none(tmp_path):
     tree = {"state": {0: {"step": 4, "m": torch.arange(6, dtype=torch.bfloat16).view(2, 3)}, 7: {}},
-            "groups": [{"betas": (0.9, 0.999), "fused": None, "name": "x", "lr": 1e-3, "flag": True, "inf": float("inf")}],
+            "groups": [{"betas": (0.9, 0.999), "fused": None, "name": "x", "lr": 1e-3, "flag": True,
+                        "inf": float("inf")}],
             ("a", 1): [(), [None]]}
     write_state(tmp_path, "tree", tree)
     assert_same_tree(tree, read_state(tmp_path, "tree"))
@@ -205,6 +206,18 @@ def test_an_edited_state_file_with_a_matching_manifest_is_refused(checkpoint):
     write_manifest(checkpoint)
     with pytest.raises(CheckpointError, match=r"optimizer.json is not a state written by lorafit .*not-there"):
         read_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("field", ["optimizer", "step", "__class__"])
+def test_a_scheduler_state_cannot_replace_the_optimizer_or_a_method(checkpoint, field):
+    state = read_state(checkpoint, "scheduler")
+    state[field] = 0
+    write_state(checkpoint, "scheduler", state)
+    write_manifest(checkpoint)
+    model, optimizer, scheduler = make_run(steps=0)
+    with pytest.raises(CheckpointError, match=rf"scheduler.json: field '{field}' is no scheduler state"):
+        load_checkpoint(checkpoint, model, optimizer, scheduler)
+    assert callable(scheduler.step) and scheduler.optimizer is optimizer
 
 
 @pytest.mark.parametrize(("file", "value"), [("optimizer.safetensors", float("nan")),

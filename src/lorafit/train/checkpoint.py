@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lorafit.adapters.io import AdapterFileError, load_adapter_tensors, read_adapter_weights, save_adapter
-from lorafit.errors import CheckpointError, UserError
+from lorafit.errors import CheckpointError
 from lorafit.fileio import atomic_directory, write_json_atomic
 from lorafit.train.checkpoint_format import (
     MANIFEST,
@@ -137,7 +137,7 @@ def restore_checkpoint(saved: CheckpointContents, model: nn.Module, optimizer: t
     A checkpoint that does not fit this run (other adapter shape, parameter count or schedule) is a
     CheckpointError: resuming it would silently train something else.
     """
-    _check_same_schedule(saved, scheduler)
+    _check_scheduler_state(saved, scheduler)
     try:
         load_adapter_tensors(model, saved.adapter, saved.path / ADAPTER_DIR)
         optimizer.load_state_dict(saved.optimizer)
@@ -194,8 +194,19 @@ def _tensors_in(tree: Any, where: str = "") -> list[tuple[str, torch.Tensor]]:
     return []
 
 
-def _check_same_schedule(saved: CheckpointContents, scheduler: Any) -> None:
-    """The learning-rate schedule settings saved with the checkpoint (LrSchedule) must equal this run's."""
+def _check_scheduler_state(saved: CheckpointContents, scheduler: Any) -> None:
+    """The saved scheduler state only sets data fields (LambdaLR.load_state_dict sets whatever it is given as
+    attributes: an edited scheduler.json must not replace the optimizer or a method), and the learning-rate
+    schedule settings saved with it (LrSchedule) equal this run's. Fields of other torch versions are allowed."""
+    if not isinstance(saved.scheduler, dict) or "lr_lambdas" not in saved.scheduler:
+        raise CheckpointError(f"{saved.path / 'scheduler.json'} is not a learning-rate scheduler state; resume from "
+                              "another checkpoint or start a new run.")
+    for key in saved.scheduler:
+        data_field = isinstance(key, str) and key != "optimizer" and not key.startswith("__") \
+            and not callable(getattr(scheduler, key, None))
+        if not data_field:
+            raise CheckpointError(f"{saved.path / 'scheduler.json'}: field {key!r} is no scheduler state; the file "
+                                  "was edited: resume from another checkpoint.")
     current = scheduler.state_dict().get("lr_lambdas") or []
     for before, now in zip(saved.scheduler.get("lr_lambdas") or [], current):
         if before is not None and now is not None and before != now:

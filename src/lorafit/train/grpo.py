@@ -76,7 +76,8 @@ class Samples:
 
 def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = False) -> RunResult:  # issue 13
     """Run GRPO as `config` says; the adapter lands in OUTPUT/adapter (PEFT format)."""
-    functions = load_rewards(config.rewards, config.grpo.reward_timeout_s)  # a missing file or function fails before any weight loads; issue 13: timeout
+    # a missing file or function fails before any weight loads; issue 13: each call under grpo.reward_timeout_s
+    functions = load_rewards(config.rewards, config.grpo.reward_timeout_s)
     result = loop.begin_run(config)
     out, t, g = result.output_dir, config.training, config.grpo
     model, tokenizer = loop.load_base_model(config, result)

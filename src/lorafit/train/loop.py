@@ -140,7 +140,8 @@ def start_or_resume(out: Path, model: nn.Module, opt: Optimisation, resume: bool
                     trust_checkpoint: bool = False) -> tuple[TrainerState, MetricsLog]:  # issue 13: trust_checkpoint
     """Restore the newest checkpoint when resuming (metrics past it are dropped), else start a fresh metrics log."""
     log = MetricsLog(out / "metrics.jsonl")
-    if resume and (saved := newest_valid_checkpoint(list_checkpoints(out), trust_checkpoint=trust_checkpoint)):  # issue 13
+    checkpoints = list_checkpoints(out) if resume else []  # issue 13
+    if saved := newest_valid_checkpoint(checkpoints, trust_checkpoint=trust_checkpoint):  # issue 13
         state = restore_checkpoint(saved, model, opt.optimizer, opt.scheduler)  # issue 13
         log.truncate_after(state.step)
         print(f"resumed from {saved.path} at step {state.step}")  # issue 13

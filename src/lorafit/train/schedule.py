@@ -36,5 +36,5 @@ class LrSchedule:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                    kind: str) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR over lr_factor; its state_dict (JSON-able: numbers and the LrSchedule settings) goes into checkpoints."""
+    """A LambdaLR over lr_factor; its state_dict (numbers and the LrSchedule settings: JSON) goes into checkpoints."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(total_steps, warmup_steps, kind))
