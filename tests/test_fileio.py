@@ -80,3 +80,34 @@ def test_atomic_file_keeps_the_old_file_on_error_and_fsyncs_the_new_one(tmp_path
         assert target.read_bytes() == b"old"  # not visible under the final name before the block ends
     assert target.read_bytes() == b"new" and synced
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+def test_directory_contents_and_rename_reach_the_disk(tmp_path, monkeypatch):
+    """Every file and folder written inside is fsynced before the rename, the parent folder after it."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        info = os.fstat(fd)
+        events.append(("fsync", (info.st_dev, info.st_ino)))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.bin").write_bytes(b"a" * 100)
+        (tmp / "b.txt").write_text("b")
+    def inode(path):
+        return os.stat(path).st_dev, os.stat(path).st_ino
+
+    rename = events.index(("replace", str(target)))
+    before = {key for kind, key in events[:rename] if kind == "fsync"}
+    after = {key for kind, key in events[rename:] if kind == "fsync"}
+    assert {inode(target / "sub" / "a.bin"), inode(target / "b.txt"), inode(target / "sub"), inode(target)} <= before
+    assert inode(tmp_path) in after

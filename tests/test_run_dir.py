@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lorafit.run_dir import CHECKPOINT_COMPLETE, MetricsLog, RunDir, RunDirError, checkpoint_step, read_metrics
+from lorafit.run_dir import CHECKPOINT_MANIFEST, MetricsLog, RunDir, RunDirError, checkpoint_step, read_metrics
 
 ROWS = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.2}]
 
@@ -52,7 +52,7 @@ def test_checkpoints_are_named_listed_by_step_and_pruned(tmp_path):
     assert run.list_checkpoints() == []
     for step in (10, 2, 100):
         run.checkpoint_path(step).mkdir(parents=True)
-        (run.checkpoint_path(step) / CHECKPOINT_COMPLETE).write_bytes(b"")
+        (run.checkpoint_path(step) / CHECKPOINT_MANIFEST).write_bytes(b"")
     (run.checkpoints / "step-00000050").mkdir()  # no state file: an incomplete checkpoint is not listed
     (run.checkpoints / ".step-00000060.tmp").mkdir()  # the temporary folder of an interrupted save
     assert run.checkpoint_path(2).name == "step-00000002"

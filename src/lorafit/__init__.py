@@ -25,6 +25,7 @@ from lorafit.adapters.model import (
 )
 from lorafit.adapters.targets import TargetError
 from lorafit.config import AdapterConfig, ConfigError, LorafitWarning, lora_scale
+from lorafit.errors import UserError
 from lorafit.models import KNOWN_MODELS, ModelFetchError, ModelLoadError, load_model
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ __all__ = [
     "ModelLoadError",
     "ParameterReport",
     "TargetError",
+    "UserError",
     "adapters_disabled",
     "attach",
     "detach",

@@ -1,13 +1,25 @@
-"""`lorafit <command>`: a thin layer over the library; every error ends in one clear line, not a traceback."""
+"""`lorafit <command>`: a thin layer over the library; a user error ends in one clear line, a bug in its traceback."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
+import traceback
 from pathlib import Path
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, RuntimeError, FileNotFoundError)
+from lorafit.errors import UserError
+
+# What the CLI answers with one line (exit 2); every other exception is a bug in lorafit and keeps its traceback.
+# - UserError: lorafit's own type for bad input; its message names the file/field/value and the fix.
+# - OSError for paths and the disk (missing file, no permission, a file where a folder is expected or the reverse,
+#   disk full, read-only file system): the environment, not lorafit, is wrong, and the message names the path.
+# - yaml.YAMLError: lorafit parses only YAML a person wrote or may have edited (run files, key=value overrides,
+#   a run's config.yaml) and writes YAML only through yaml.safe_dump, whose output always parses.
+PATH_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                                          NotADirectoryError)
+DISK_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +34,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; checkpoints already written are kept (resume with --resume).", file=sys.stderr)
         return 130
-    except USER_ERRORS as err:
-        print(f"lorafit {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - sorted into user errors (one line) and bugs (traceback) below
+        if not is_user_error(err):
+            traceback.print_exc()
+            print(f"lorafit {args.command}: internal error ({type(err).__name__}): this is a bug in lorafit, not in "
+                  "your input; please report it with the traceback above.", file=sys.stderr)
+            return 1
+        print(f"lorafit {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether `err` describes a mistake the user can fix (see the comment above PATH_ERRORS)."""
+    import yaml
+
+    return (isinstance(err, (UserError, *PATH_ERRORS, yaml.YAMLError))
+            or (isinstance(err, OSError) and err.errno in DISK_ERRNOS))
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (YAML parser messages span several)."""
+    return " ".join(str(err).split())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="the run's YAML file (see examples/quickstart.yaml)")
     train.add_argument("overrides", nargs="*", help="overrides such as training.max_steps=50")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    train.add_argument("--trust-checkpoint", action="store_true",
+                       help="with --resume: also read a pickled checkpoint of an earlier lorafit (trainer_state.pt); "
+                            "a pickle can run code, so only for checkpoints you wrote yourself")
     train.set_defaults(handler=_train)
 
     gen = commands.add_parser("generate", help="answer prompts with a model (and adapter)",
@@ -135,7 +168,7 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_run_config(args.config, args.overrides)
     trainer = grpo if config.method == "grpo" else sft
-    result = trainer.train(config, resume=args.resume)
+    result = trainer.train(config, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
     phases = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in result.phases.items())
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}; {phases}; results in {result.output_dir}")
     return 0
@@ -199,7 +232,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(generate_responses(model, tokenizer, [[{"role": "user", "content": args.prompt}]], **options)[0])
         return 0
     if not args.output:
-        raise ValueError("--input needs --output, the JSONL file to write the responses to.")
+        raise UserError("--input needs --output, the JSONL file to write the responses to.")
     examples = read_examples(args.input, require_reply=False)
     chats = [_prompt_messages(e.messages, e.source) for e in examples]
     replies = generate_responses(model, tokenizer, chats, progress=True, **options)
@@ -260,7 +293,7 @@ def _load(model_name: str, adapter: str | None):
 def _prompt_messages(messages: list[dict] | None, source: str) -> list[dict]:
     """The chat to answer: rows may carry a final assistant turn (a reference), which is dropped."""
     if not messages:
-        raise ValueError(f"{source}: generation needs rows with 'messages' (a chat), not plain text.")
+        raise UserError(f"{source}: generation needs rows with 'messages' (a chat), not plain text.")
     return messages[:-1] if messages[-1]["role"] == "assistant" else messages
 
 

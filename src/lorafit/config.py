@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorafit.errors import UserError
+
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_METHODS = ("default", "gaussian", "pissa", "pissa_niter_<K>", "loftq")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -18,7 +20,7 @@ RSLORA_MIN_RANK = 32  # from here alpha/r shrinks updates enough that rank-stabi
 LOWER_RANK_FROM = 64  # a too-small scale at r >= 64 can also be fixed by a lower r
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 

@@ -23,6 +23,31 @@ def _give_default_mode(path: Path, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
+def fsync_directory(path: str | Path) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it) to disk. POSIX only: Windows cannot open
+    a folder for fsync, and its renames are journaled by NTFS."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """fsync every file and folder under `folder` (itself included), deepest first, so that its whole content is on
+    disk before it is renamed into place: without this a crash after the rename can leave empty or partial files."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_directory(root)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text to a temporary file beside `path`, fsync it, then rename it over `path`."""
     with atomic_file(path) as tmp:
@@ -47,6 +72,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -62,7 +88,8 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` whole, on error it is removed.
 
     An existing folder at `path` is moved aside first and deleted only once the new one is in place,
-    so a crash never leaves a half-written or missing result.
+    so a crash never leaves a half-written or missing result. Every file and folder inside is fsynced before
+    the rename and the parent folder after it, so what appears under `path` is on disk, not only in the page cache.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +97,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     try:
         _give_default_mode(tmp, is_dir=True)
         yield tmp
+        fsync_tree(tmp)
         aside = None
         if path.exists():
             aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")) / path.name
@@ -80,6 +108,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             if aside is not None:
                 os.replace(aside, path)  # put the previous result back
             raise
+        fsync_directory(path.parent)
         if aside is not None:
             shutil.rmtree(aside.parent, ignore_errors=True)
     except BaseException:

@@ -88,6 +88,7 @@ class GRPOConfig:
     epsilon: float = 0.2  # PPO clip range of the ratio to the sampling policy
     scale_rewards: bool = True  # divide advantages by the group's std (else mean-centering only)
     num_iterations: int = 1  # optimiser steps on each batch of samples (>1 makes the clipping bite)
+    reward_timeout_s: float = 60.0  # seconds one call of a reward function may take; longer stops the run
 
 
 @dataclass
@@ -133,7 +134,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         raise ConfigError(f"run config {str(path)!r} does not exist.")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML ({err}).") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, adapter, data, training, ...).")
@@ -258,6 +259,9 @@ def _validate_grpo(config: RunConfig) -> None:
         raise ConfigError(f"grpo.beta={g.beta!r} must be >= 0 (0 = no KL term, no reference model).")
     if not g.epsilon < 1:
         raise ConfigError(f"grpo.epsilon={g.epsilon!r} must be below 1 (the ratio is clipped to [1-eps, 1+eps]).")
+    if not 0 < g.reward_timeout_s < float("inf"):
+        raise ConfigError(f"grpo.reward_timeout_s={g.reward_timeout_s!r} must be a positive, finite number of seconds "
+                          "(default 60): the longest one call of a reward function may take.")
 
 
 def method_keys(config: dict[str, Any]) -> dict[str, Any]:

@@ -22,13 +22,15 @@ from typing import Any
 
 import yaml
 
+from lorafit.errors import UserError
 from lorafit.fileio import write_json_atomic, write_text_atomic
 
-CHECKPOINT_COMPLETE = "trainer_state.pt"  # written into every checkpoint; a step-N folder without it is not used
+CHECKPOINT_MANIFEST = "manifest.json"  # written last into every checkpoint: a step-N folder without it is incomplete
+LEGACY_CHECKPOINT_STATE = "trainer_state.pt"  # the pickled state of checkpoints before format version 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """A file of the run folder cannot be read; the message names the file (and line) and the fix."""
 
 
@@ -84,11 +86,13 @@ class RunDir:
         return self.checkpoints / f"step-{step:08d}"
 
     def list_checkpoints(self) -> list[Path]:
-        """Complete checkpoint folders, oldest first (temporary folders of an interrupted save are ignored)."""
+        """Checkpoint folders, oldest first. A step-N folder is complete by construction (it appears by an atomic
+        rename); temporary folders of an interrupted save start with '.' and are ignored. Pickled checkpoints of
+        earlier versions are listed too, so that resume refuses them with a reason instead of starting over."""
         if not self.checkpoints.is_dir():
             return []
-        found = [p for p in self.checkpoints.iterdir()
-                 if p.is_dir() and _STEP_DIR.match(p.name) and (p / CHECKPOINT_COMPLETE).is_file()]
+        found = [p for p in self.checkpoints.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)
+                 and any((p / marker).is_file() for marker in (CHECKPOINT_MANIFEST, LEGACY_CHECKPOINT_STATE))]
         return sorted(found, key=checkpoint_step)
 
     def prune_checkpoints(self, keep: int) -> None:
@@ -160,4 +164,4 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["CHECKPOINT_COMPLETE", "MetricsLog", "RunDir", "RunDirError", "checkpoint_step", "read_metrics"]
+__all__ = ["CHECKPOINT_MANIFEST", "LEGACY_CHECKPOINT_STATE", "MetricsLog", "RunDir", "RunDirError", "checkpoint_step", "read_metrics"]

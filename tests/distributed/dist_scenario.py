@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import VOCAB, build_tiny
 
 from lorafit import distributed
-from lorafit.adapters.io import load_adapter_weights
+from lorafit.adapters.io import load_adapter_tensors, read_adapter_weights
 from lorafit.adapters.model import attach
 from lorafit.config import AdapterConfig
 from lorafit.data.chat import IGNORE, TokenizedExample
@@ -68,7 +68,7 @@ def train(name: str, out: Path, *, start: int = 0, stop: int = STEPS,
     strategy = name.split("-")[0] if name.split("-")[0] in distributed.STRATEGIES else "ddp"  # 1 process: no wrapper
     model = build_model(name)
     if resume_from is not None:
-        load_adapter_weights(model, resume_from / "adapter")
+        load_adapter_tensors(model, read_adapter_weights(resume_from / "adapter"), resume_from / "adapter")
     bytes_full = distributed.local_parameter_bytes(model)
     wrapped = distributed.wrap(model, strategy)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP2's sharded parameters

@@ -21,6 +21,7 @@ from lorafit.adapters.init import initial_factors
 from lorafit.adapters.model import TARGETS_ATTR, adapter_config, attach, lora_layers
 from lorafit.adapters.targets import minimal_suffixes
 from lorafit.config import AdapterConfig, ConfigError
+from lorafit.errors import UserError
 from lorafit.fileio import atomic_directory, write_json_atomic
 
 CONFIG_NAME = "adapter_config.json"
@@ -40,7 +41,7 @@ _UNSUPPORTED_WHEN_SET = {
 }
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(UserError):
     """An adapter folder is missing, incomplete, corrupt or does not fit the model."""
 
 
@@ -151,6 +152,9 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise AdapterFileError(f"{config_file} is not valid JSON ({err}); re-save the adapter.") from err
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{config_file} holds a JSON {type(raw).__name__}, not an object of adapter settings "
+                               "(peft_type, r, lora_alpha, target_modules, ...); re-save the adapter.")
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
         raise AdapterFileError(f"{config_file}: peft_type={peft_type!r}; lorafit loads LoRA adapters (peft_type 'LORA').")
@@ -190,19 +194,36 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False)
     return model
 
 
-def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
-    """Copy the weights of a saved adapter into a model that already carries the same adapter (resume)."""
-    weights_file = Path(path) / WEIGHTS_NAME
-    _load_tensors(model, _read_weights(weights_file), weights_file)
+def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter saved in folder `path`, checked to be finite, without touching any model."""
+    return _read_weights(Path(path) / WEIGHTS_NAME)
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Copy adapter tensors (as `read_adapter_weights` returns them, read from `source`) into a model that already
+    carries the same adapter (resume); a missing, extra or wrongly shaped tensor is an AdapterFileError."""
+    _load_tensors(model, tensors, Path(source) / WEIGHTS_NAME)
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """(name, 'NaN' or 'inf') of the first floating-point tensor holding a non-finite value, else None."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return key, "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+    return None
 
 
 def _read_weights(weights_file: Path) -> dict[str, torch.Tensor]:
     if not weights_file.is_file():
         raise AdapterFileError(f"{weights_file} is missing: an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME}.")
     try:
-        return load_file(str(weights_file))
+        tensors = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFileError(f"{weights_file} cannot be read ({err}); the file is truncated or corrupt: re-save it.") from err
+    if bad := non_finite(tensors):
+        raise AdapterFileError(f"{weights_file}: tensor {bad[0]!r} holds {bad[1]} values; the adapter was saved from a "
+                               "diverged run or is damaged: use an earlier checkpoint's adapter or retrain.")
+    return tensors
 
 
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_file: Path) -> None:

@@ -15,12 +15,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lorafit.data.sources import Example
+from lorafit.errors import UserError
 
 IGNORE = -100  # the label of a position that has no target (PyTorch's and transformers' ignore_index)
 _PROGRESS_MIN_EXAMPLES = 2000
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError):
     """The chat template renders a prefix of a chat differently from the whole chat."""
 
 

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from lorafit.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 _SPACE = re.compile(r"\s*")
 ACCEPTED_FORMATS = "'messages' (a chat), 'prompt' + 'completion', or 'text'"
 _MESSAGE_SHAPE = '{"role": "user", "content": "..."}'
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A training file or row that cannot be used; the message says where, what and how to fix."""
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from lorafit.config import HEALTHY_SCALE, RUN_FILE_NAMES, scale_advice
 from lorafit.diagnose.findings import Diagnosis, Finding
+from lorafit.errors import UserError
 from lorafit.quant import QUANT_SCHEMES
 from lorafit.run_config import RunConfig
 from lorafit.run_dir import RunDir, RunDirError, checkpoint_step
@@ -72,7 +73,7 @@ LEARNING_CURVE_METHODS = frozenset({"sft"})  # methods whose loss is the learnin
 _HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-class DiagnoseError(ValueError):
+class DiagnoseError(UserError):
     """A run folder cannot be diagnosed; the message names the file and what is missing."""
 
 

@@ -6,6 +6,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from lorafit.errors import UserError
+
 END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
 
 
@@ -54,7 +56,7 @@ def _whole_json_object(text: str) -> dict[str, Any] | None:
 def _reference_object(reference: str) -> dict[str, Any]:
     expected = _first_json_object(_normalize(reference))
     if expected is None:
-        raise ValueError(f"reference contains no JSON object: {reference!r}")
+        raise UserError(f"reference contains no JSON object: {reference!r}")
     return expected
 
 
@@ -63,7 +65,7 @@ def json_exact_match(prediction: str, reference: str) -> bool:
 
     Lenient: prose, code fences and other text around the object are ignored, and anything after the first
     object is not looked at. Key order is ignored; value types matter (``3`` differs from ``"3"``).
-    Raises ValueError if the reference itself holds no JSON object.
+    Raises UserError (a ValueError) if the reference itself holds no JSON object.
     """
     return _first_json_object(_normalize(prediction)) == _reference_object(reference)
 
@@ -72,7 +74,7 @@ def json_strict_match(prediction: str, reference: str) -> bool:
     """True when the whole prediction (stripped, end-of-turn tokens removed) is one JSON object equal to the
     reference object (metric `json_strict`): no prose, no code fence, nothing after the object.
 
-    Key order is ignored; value types matter. Raises ValueError if the reference holds no JSON object.
+    Key order is ignored; value types matter. Raises UserError (a ValueError) if the reference holds no JSON object.
     """
     return _whole_json_object(_normalize(prediction)) == _reference_object(reference)
 
@@ -88,7 +90,7 @@ def score(predictions: list[str], references: list[str], metric: str) -> dict[st
     """Score paired predictions/references with the named metric: "exact" (the whole reply, normalised), "json"
     (the first JSON object in the reply) or "json_strict" (the whole reply is the JSON object)."""
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; valid names: {', '.join(sorted(METRICS))}")
+        raise UserError(f"unknown metric {metric!r}; valid names: {', '.join(sorted(METRICS))}")
     if len(predictions) != len(references):
         raise ValueError(
             f"got {len(predictions)} predictions but {len(references)} references"

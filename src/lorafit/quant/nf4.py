@@ -15,6 +15,8 @@ from functools import cache
 
 import torch
 
+from lorafit.errors import UserError
+
 # The NF4 code book: bitsandbytes' get_4bit_type("nf4"), sorted ascending (FACTS §6).
 NF4_CODE: tuple[float, ...] = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -31,7 +33,7 @@ LUT_CELLS = 4096  # NF4 code lookup: cells of width 1/4096 over [-1, 1]
 MIN_ABSMAX = 1e-38  # an all-zero block is scaled by 1/1e-38 instead of 1/0 (as bitsandbytes does)
 
 
-class QuantizationError(ValueError):
+class QuantizationError(UserError):
     """Bad quantisation settings or a bad quantised state; the message says what is supported."""
 
 

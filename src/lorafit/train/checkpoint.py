@@ -1,27 +1,50 @@
-"""Checkpoint contents: adapter (PEFT format) + optimiser, scheduler, RNG and data position, written atomically.
+"""Checkpoint contents: adapter (PEFT format) + optimiser, scheduler, RNG and trainer state, without pickle.
 
+A checkpoint folder holds
+  adapter/               the adapter in residual form (safetensors + adapter_config.json)
+  optimizer.json/.safetensors, scheduler.json, rng.json/.safetensors, trainer_state.json
+  manifest.json          size + SHA-256 of each file above, written last (checkpoint_format owns the layout)
+and is written to a temporary folder, fsynced and renamed (fileio.atomic_directory). Resuming reads and
+verifies everything into memory first (`read_checkpoint`), then restores it (`restore_checkpoint`), so a
+damaged checkpoint is refused before any model or optimiser state changes and an older one can be tried
+instead (`newest_valid_checkpoint`). Pickled checkpoints of earlier versions (trainer_state.pt) can run code
+when loaded; they are read only when the user says they trust them.
 Where checkpoints live, their step-N names, listing and pruning belong to the run folder (lorafit.run_dir).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lorafit.adapters.io import load_adapter_weights, save_adapter
-from lorafit.fileio import atomic_directory
-from lorafit.run_dir import CHECKPOINT_COMPLETE, RunDir
+from lorafit.adapters.io import AdapterFileError, load_adapter_tensors, read_adapter_weights, save_adapter
+from lorafit.errors import CheckpointError
+from lorafit.fileio import atomic_directory, write_json_atomic
+from lorafit.run_dir import CHECKPOINT_MANIFEST as MANIFEST
+from lorafit.run_dir import LEGACY_CHECKPOINT_STATE as LEGACY_STATE_FILE
+from lorafit.run_dir import RunDir
+from lorafit.train.checkpoint_format import (
+    check_finite,
+    read_json,
+    read_state,
+    verify_manifest,
+    write_manifest,
+    write_state,
+)
 
-STATE_FILE = CHECKPOINT_COMPLETE  # the run folder counts a checkpoint as complete once this file is in it
+ADAPTER_DIR = "adapter"
+TRAINER_FILE = "trainer_state.json"
+_REQUIRED = [f"{ADAPTER_DIR}/adapter_model.safetensors", f"{ADAPTER_DIR}/adapter_config.json", "optimizer.json",
+             "scheduler.json", "rng.json", "rng.safetensors", TRAINER_FILE]
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be resumed from; the message names the folder."""
+__all__ = ["CheckpointError", "CheckpointContents", "TrainerState", "load_checkpoint",
+           "newest_valid_checkpoint", "read_checkpoint", "restore_checkpoint", "save_checkpoint", "write_checkpoint"]
 
 
 @dataclass
@@ -32,45 +55,185 @@ class TrainerState:
     tokens_seen: int = 0
 
 
+@dataclass
+class CheckpointContents:
+    """A checkpoint read and verified in memory, not yet applied to a model."""
+
+    path: Path
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    trainer: TrainerState
+
+
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     state: TrainerState, keep: int) -> Path:
-    """Write checkpoints/step-N atomically, then delete all but the newest `keep`."""
+    """Write the run folder's checkpoint of step state.step atomically, then delete all but the newest `keep`."""
     run = RunDir(run_dir)
-    target = run.checkpoint_path(state.step)
-    with atomic_directory(target) as tmp:
-        save_adapter(model, tmp / "adapter", convert_pissa=False)  # resume needs the residual form
-        torch.save({
-            "trainer": vars(state),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-        }, tmp / STATE_FILE)
+    target = write_checkpoint(run.checkpoint_path(state.step), model, optimizer, scheduler, state)
     run.prune_checkpoints(keep)
     return target
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainerState:
-    """Restore adapter weights, optimiser, scheduler and RNG from a checkpoint folder; return the trainer state."""
+def write_checkpoint(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     state: TrainerState) -> Path:
+    """Write a checkpoint folder at `target` atomically: every file, then the manifest, fsync, rename."""
+    with atomic_directory(target) as tmp:
+        save_adapter(model, tmp / ADAPTER_DIR, convert_pissa=False)  # resume needs the residual form
+        write_state(tmp, "optimizer", optimizer.state_dict())
+        write_state(tmp, "scheduler", scheduler.state_dict())
+        write_state(tmp, "rng", _rng_state())
+        write_json_atomic(tmp / TRAINER_FILE, asdict(state))
+        write_manifest(tmp)
+    return target
+
+
+def read_checkpoint(path: Path, *, trust_checkpoint: bool = False) -> CheckpointContents:
+    """Read and verify a checkpoint folder (manifest sizes and hashes, finite tensors) without changing anything.
+
+    A pickled checkpoint of an earlier lorafit (trainer_state.pt, no manifest) is refused: unpickling runs any
+    code the file holds. With trust_checkpoint=True (`--trust-checkpoint`) it is read with a warning.
+    """
+    path = Path(path)
+    if not (path / MANIFEST).is_file() and (path / LEGACY_STATE_FILE).is_file():
+        return _read_legacy(path, trust_checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(path)!r} does not exist.")
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"{path / MANIFEST} is missing: {path} is no complete lorafit checkpoint; resume from "
+                              "an older one or delete it.")
+    verify_manifest(path, _REQUIRED)
+    trainer = read_json(path / TRAINER_FILE)
+    if not isinstance(trainer, dict) or set(trainer) != {"step", "tokens_seen"} \
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in trainer.values()):
+        raise CheckpointError(f"{path / TRAINER_FILE} must hold integers 'step' and 'tokens_seen', not {trainer!r}.")
+    return CheckpointContents(path=path, adapter=_read_adapter(path), optimizer=read_state(path, "optimizer"),
+                              scheduler=read_state(path, "scheduler"), rng=read_state(path, "rng"),
+                              trainer=TrainerState(**trainer))
+
+
+def restore_checkpoint(saved: CheckpointContents, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: Any) -> TrainerState:
+    """Put a read checkpoint into model, optimiser, scheduler and the RNGs; return the trainer state.
+
+    A checkpoint that does not fit this run (other adapter shape, parameter count or schedule) is a
+    CheckpointError: resuming it would silently train something else.
+    """
+    _check_scheduler_state(saved, scheduler)
     try:
-        saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        load_adapter_weights(model, path / "adapter")
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-    except (OSError, KeyError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"cannot resume from {path}: {err}. Delete that folder to resume from an older one.") from err
-    _set_rng_state(saved["rng"])
-    return TrainerState(**saved["trainer"])
+        load_adapter_tensors(model, saved.adapter, saved.path / ADAPTER_DIR)
+        optimizer.load_state_dict(saved.optimizer)
+        scheduler.load_state_dict(saved.scheduler)
+    except (ValueError, KeyError) as err:  # AdapterFileError is a ValueError
+        raise CheckpointError(f"{saved.path} does not fit this run ({err}); resume with the settings that wrote it, "
+                              "or start a new run in another output_dir.") from err
+    _set_rng_state(saved.rng)
+    return TrainerState(**asdict(saved.trainer))
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
+                    trust_checkpoint: bool = False) -> TrainerState:
+    """read_checkpoint + restore_checkpoint of one folder."""
+    return restore_checkpoint(read_checkpoint(path, trust_checkpoint=trust_checkpoint), model, optimizer, scheduler)
+
+
+def newest_valid_checkpoint(checkpoints: list[Path], *, trust_checkpoint: bool = False) -> CheckpointContents | None:
+    """The newest of `checkpoints` (oldest first, as listed) that reads and verifies; each one that fails is
+    skipped with a warning naming the bad file. None when the list is empty; a CheckpointError (the newest one's
+    reason) when none is usable, rather than silently starting over."""
+    failures: list[CheckpointError] = []
+    for path in reversed(checkpoints):
+        try:
+            saved = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
+        except CheckpointError as err:
+            warnings.warn(f"skipping checkpoint {path}: {err}", stacklevel=2)
+            failures.append(err)
+            continue
+        if failures:
+            warnings.warn(f"resuming from the older checkpoint {path}", stacklevel=2)
+        return saved
+    if failures:
+        more = f" (and {len(failures) - 1} older checkpoints failed too)" if len(failures) > 1 else ""
+        raise CheckpointError(f"{failures[0]}{more}")
+    return None
+
+
+def _read_adapter(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return read_adapter_weights(path / ADAPTER_DIR)
+    except AdapterFileError as err:
+        raise CheckpointError(f"{err}; resume from an older checkpoint.") from err
+
+
+def _tensors_in(tree: Any, where: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(path, tensor) of every tensor inside a state tree, for error messages that name the tensor."""
+    if isinstance(tree, torch.Tensor):
+        return [(where, tree)]
+    if isinstance(tree, dict):
+        return [found for k, v in tree.items() for found in _tensors_in(v, f"{where}/{k}" if where else str(k))]
+    if isinstance(tree, (list, tuple)):
+        return [found for i, v in enumerate(tree) for found in _tensors_in(v, f"{where}/{i}" if where else str(i))]
+    return []
+
+
+def _check_scheduler_state(saved: CheckpointContents, scheduler: Any) -> None:
+    """The saved scheduler state only sets data fields (LambdaLR.load_state_dict sets whatever it is given as
+    attributes: an edited scheduler.json must not replace the optimizer or a method), and the learning-rate
+    schedule settings saved with it (LrSchedule) equal this run's. Fields of other torch versions are allowed."""
+    if not isinstance(saved.scheduler, dict) or "lr_lambdas" not in saved.scheduler:
+        raise CheckpointError(f"{saved.path / 'scheduler.json'} is not a learning-rate scheduler state; resume from "
+                              "another checkpoint or start a new run.")
+    for key in saved.scheduler:
+        data_field = isinstance(key, str) and key != "optimizer" and not key.startswith("__") \
+            and not callable(getattr(scheduler, key, None))
+        if not data_field:
+            raise CheckpointError(f"{saved.path / 'scheduler.json'}: field {key!r} is no scheduler state; the file "
+                                  "was edited: resume from another checkpoint.")
+    current = scheduler.state_dict().get("lr_lambdas") or []
+    for before, now in zip(saved.scheduler.get("lr_lambdas") or [], current):
+        if before is not None and now is not None and before != now:
+            raise CheckpointError(f"{saved.path / 'scheduler.json'}: the checkpoint's learning-rate schedule {before} "
+                                  f"differs from this run's {now}; resume with the same training settings "
+                                  "(max_steps, epochs, warmup_steps, schedule) or start a new run.")
+
+
+def _read_legacy(path: Path, trust_checkpoint: bool) -> CheckpointContents:
+    """A pickled checkpoint of lorafit before format version 1; only when the user trusts it."""
+    if not trust_checkpoint:
+        raise CheckpointError(
+            f"{path / LEGACY_STATE_FILE} is a pickled checkpoint from an earlier lorafit version; loading a pickle "
+            "can run any code it holds, so lorafit refuses it. If you wrote it yourself, resume with "
+            "--trust-checkpoint (load_checkpoint(..., trust_checkpoint=True)); otherwise delete the folder.")
+    warnings.warn(f"reading the pickled checkpoint {path / LEGACY_STATE_FILE} because trust_checkpoint is set: "
+                  "it can run code; the next checkpoint is written without pickle.", stacklevel=3)
+    try:
+        saved = torch.load(path / LEGACY_STATE_FILE, map_location="cpu", weights_only=False)  # trusted by the user
+        contents = CheckpointContents(path=path, adapter=_read_adapter(path), optimizer=saved["optimizer"],
+                                      scheduler=saved["scheduler"], rng=saved["rng"],
+                                      trainer=TrainerState(**saved["trainer"]))
+    except (OSError, KeyError, TypeError, RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{path / LEGACY_STATE_FILE} cannot be read ({type(err).__name__}: {err}); "
+                              "resume from an older checkpoint.") from err
+    for key, tensor in _tensors_in(contents.optimizer):
+        check_finite({key: tensor}, path / LEGACY_STATE_FILE)
+    return contents
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """torch CPU (a uint8 tensor), CUDA (one per device, when present) and Python `random` state."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    try:
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"the RNG state of the checkpoint cannot be restored ({type(err).__name__}: {err}); "
+                              "resume from an older checkpoint.") from err

@@ -26,17 +26,18 @@ from lorafit.adapters.prepare import prepare_model, quantize_at_load
 from lorafit.device import bf16_worthwhile, peak_memory_mib, reset_peak_memory
 from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, has_learning_curve
+from lorafit.errors import UserError
 from lorafit.finish import finish_run
 from lorafit.models import load_model
 from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, to_dict
 from lorafit.run_dir import MetricsLog, RunDir
-from lorafit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from lorafit.train.checkpoint import TrainerState, newest_valid_checkpoint, restore_checkpoint, save_checkpoint
 from lorafit.train.schedule import make_scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError):  # a user error: the advice says which setting to change
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -68,6 +69,7 @@ class RunState:
     log: MetricsLog | None = None
     monitor: CurveMonitor | None = None
     resume: bool = False  # continue from the newest checkpoint in the folder
+    trust_checkpoint: bool = False  # read pickled checkpoints of earlier versions (they can run code)
     total_steps: int = 0
     last_s: dict[str, float] = field(default_factory=dict)  # the latest duration of each timed phase
 
@@ -83,13 +85,14 @@ class RunState:
             self.result.phases[key] = self.result.phases.get(key, 0.0) + self.last_s[key]
 
 
-def begin_run(config: RunConfig, resume: bool = False) -> RunState:
+def begin_run(config: RunConfig, resume: bool = False, trust_checkpoint: bool = False) -> RunState:
     """Print the config checks, create the run folder, record the resolved config there and seed torch."""
     print(format_checks(check_run_config(config)))
     folder = RunDir(config.output_dir)
     folder.write_config(to_dict(config))
     torch.manual_seed(config.training.seed)
-    return RunState(config=config, folder=folder, result=RunResult(output_dir=folder.path, steps=0), resume=resume)
+    return RunState(config=config, folder=folder, result=RunResult(output_dir=folder.path, steps=0), resume=resume,
+                    trust_checkpoint=trust_checkpoint)
 
 
 def load_base_model(state: RunState) -> None:
@@ -158,9 +161,9 @@ def start_training(state: RunState, total_steps: int, updates_per_step: int = 1)
     state.opt = make_optimisation(state.model, config.training, total_steps * updates_per_step)
     state.log = state.folder.metrics_log()
     checkpoints = state.folder.list_checkpoints() if state.resume else []
-    if checkpoints:
-        state.trainer = load_checkpoint(checkpoints[-1], state.model, state.opt.optimizer, state.opt.scheduler)
-        print(f"resumed from {checkpoints[-1]} at step {state.trainer.step}")
+    if saved := newest_valid_checkpoint(checkpoints, trust_checkpoint=state.trust_checkpoint):
+        state.trainer = restore_checkpoint(saved, state.model, state.opt.optimizer, state.opt.scheduler)
+        print(f"resumed from {saved.path} at step {state.trainer.step}")
     state.log.truncate_after(state.trainer.step)
     state.result.steps = state.trainer.step
     if has_learning_curve(config.method):

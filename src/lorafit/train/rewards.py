@@ -13,6 +13,7 @@ import importlib.util
 import math
 import numbers
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,13 @@ from typing import Any
 
 from lorafit.config import ConfigError
 from lorafit.data import DataError
+from lorafit.errors import UserError
 from lorafit.run_config import RewardSpec
 
 RESERVED_FIELDS = ("prompts", "completions")
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError):
     """A reward function raised or returned something unusable; the message names the function."""
 
 
@@ -37,12 +39,14 @@ class RewardFunction:
     spec: str
     fn: Callable[..., Any]
     weight: float = 1.0
+    timeout_s: float = 60.0  # grpo.reward_timeout_s
 
 
-def load_rewards(specs: list[RewardSpec]) -> list[RewardFunction]:
-    """Import every reward function named in `specs`; a missing file, module or function is a ConfigError."""
+def load_rewards(specs: list[RewardSpec], timeout_s: float = 60.0) -> list[RewardFunction]:
+    """Import every reward function named in `specs`, each call limited to `timeout_s` seconds; a missing file,
+    module or function is a ConfigError."""
     functions = [RewardFunction(name=s.function.rpartition(":")[2], spec=s.function, fn=_load_callable(s.function),
-                                weight=s.weight) for s in specs]
+                                weight=s.weight, timeout_s=timeout_s) for s in specs]
     names = [f.name for f in functions]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
@@ -103,10 +107,7 @@ def weighted_total(functions: list[RewardFunction], scores: dict[str, list[float
 
 
 def _call(f: RewardFunction, prompts: list[str], completions: list[str], fields: dict[str, list[Any]]) -> list[float]:
-    try:
-        values = f.fn(prompts=prompts, completions=completions, **fields)
-    except Exception as err:
-        raise RewardError(f"reward function {f.spec} raised {type(err).__name__}: {err}") from err
+    values = _call_with_timeout(f, dict(prompts=prompts, completions=completions, **fields))
     try:
         values = list(values)
     except TypeError:
@@ -120,6 +121,34 @@ def _call(f: RewardFunction, prompts: list[str], completions: list[str], fields:
             raise RewardError(f"reward function {f.spec} returned {value!r} for completion {i} "
                               f"({completions[i][:60]!r}); every reward must be a finite number.")
     return [float(v) for v in values]
+
+
+def _call_with_timeout(f: RewardFunction, kwargs: dict[str, Any]) -> Any:
+    """f.fn(**kwargs) in a worker thread, waiting at most f.timeout_s seconds.
+
+    A thread is the portable way (signals work only in the main thread of POSIX processes, a subprocess would
+    need picklable functions and arguments). Python cannot kill a thread: one that overruns keeps running in the
+    background (a daemon thread, so it does not keep the process alive), and the run stops with this error.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["values"] = f.fn(**kwargs)
+        except BaseException as err:  # noqa: BLE001 - reported from the caller's thread below
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, name=f"reward {f.spec}", daemon=True)
+    worker.start()
+    worker.join(f.timeout_s)
+    if worker.is_alive():
+        raise RewardError(f"reward function {f.spec} did not return within {f.timeout_s:g} s "
+                          f"(grpo.reward_timeout_s={f.timeout_s:g}); make it faster, or allow more time, e.g. "
+                          f"grpo.reward_timeout_s={max(2 * f.timeout_s, 120):g}.")
+    if "error" in outcome:
+        err = outcome["error"]  # sys.exit() inside the function too: it is the function failing, not lorafit
+        raise RewardError(f"reward function {f.spec} raised {type(err).__name__}: {err}") from err
+    return outcome["values"]
 
 
 def row_fields(rows: list[dict[str, Any]], source: list[str]) -> dict[str, list[Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,20 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, kind: str):
-    """A LambdaLR over lr_factor; its state_dict goes into checkpoints."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, kind))
+@dataclass(frozen=True)
+class LrSchedule:
+    """lr_factor as a callable object rather than a lambda: LambdaLR's state_dict saves an object's settings (a
+    plain function is saved as None), so a checkpoint records the schedule and resume can check it is the same."""
+
+    total_steps: int
+    warmup_steps: int
+    kind: str
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.total_steps, self.warmup_steps, self.kind)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                   kind: str) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over lr_factor; its state_dict (numbers and the LrSchedule settings: JSON) goes into checkpoints."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(total_steps, warmup_steps, kind))
