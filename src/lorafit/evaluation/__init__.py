@@ -1,5 +1,5 @@
 """Evaluation metrics for generated completions."""
 
-from lorafit.evaluation.metrics import METRICS, exact_match, json_exact_match, score
+from lorafit.evaluation.metrics import METRICS, contains_match, exact_match, json_exact_match, score
 
-__all__ = ["METRICS", "exact_match", "json_exact_match", "score"]
+__all__ = ["METRICS", "contains_match", "exact_match", "json_exact_match", "score"]

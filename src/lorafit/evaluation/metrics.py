@@ -54,14 +54,27 @@ def json_exact_match(prediction: str, reference: str) -> bool:
     return _first_json_object(_normalize(prediction)) == expected
 
 
+def contains_match(prediction: str, reference: str) -> bool:
+    """True when the normalized reference occurs in the normalized prediction (case-sensitive).
+
+    For short factual answers ("Paris") that a chat model wraps in a sentence. An empty reference is an error:
+    it would be contained in every prediction.
+    """
+    expected = _normalize(reference)
+    if not expected:
+        raise ValueError("reference is empty: metric 'contains' would count every prediction as correct")
+    return expected in _normalize(prediction)
+
+
 METRICS: dict[str, Callable[[str, str], bool]] = {
     "exact": exact_match,
     "json": json_exact_match,
+    "contains": contains_match,
 }
 
 
 def score(predictions: list[str], references: list[str], metric: str) -> dict[str, Any]:
-    """Score paired predictions/references with the named metric ("exact" or "json")."""
+    """Score paired predictions/references with the named metric ("exact", "json" or "contains")."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; valid names: {', '.join(sorted(METRICS))}")
     if len(predictions) != len(references):
