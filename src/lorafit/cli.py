@@ -110,6 +110,31 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     memory.add_argument("--optimizer", choices=("adamw", "adamw-8bit", "sgd"), default="adamw")
     memory.set_defaults(handler=_estimate_memory)
+
+    evaluate = commands.add_parser("eval", help="score a model (and adapter) on a chat eval set",
+                                   description="Greedy replies to each chat of FILE (its final assistant turn is the "
+                                               "reference), scored by the metric; prints accuracy +- its binomial "
+                                               "standard error. No training.")
+    evaluate.add_argument("--model", required=True, help="short name, folder, .gguf file or hub id")
+    evaluate.add_argument("--adapter", help="adapter folder (lorafit or PEFT format)")
+    evaluate.add_argument("--data", required=True, help="JSONL/JSON/CSV chats ending with the reference answer")
+    evaluate.add_argument("--metric", choices=("exact", "json", "contains"), default="exact")
+    evaluate.add_argument("--limit", type=int, help="score only the first N rows")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.set_defaults(handler=_eval)
+
+    forgetting = commands.add_parser("forgetting", help="how much an adapter changes the model on general inputs",
+                                     description="Base (adapter off) vs adapter on lorafit's shipped general prompts "
+                                                 "and text: mean token KL(base || tuned) on the base's greedy answers, "
+                                                 "perplexity ratio, share of changed answers; warns above thresholds.")
+    forgetting.add_argument("--model", required=True, help="short name, folder, .gguf file or hub id of the base")
+    forgetting.add_argument("--adapter", required=True, help="adapter folder")
+    forgetting.add_argument("--limit", type=int, default=None, help="number of general prompts (default 40 of 150)")
+    forgetting.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default 32)")
+    forgetting.add_argument("--json", action="store_true", help="print the result as JSON")
+    forgetting.set_defaults(handler=_forgetting)
     return parser
 
 
@@ -210,6 +235,30 @@ def _merge(args: argparse.Namespace) -> int:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     print(f"merged model saved to {args.out} (load it with transformers' from_pretrained)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lorafit.evaluation.eval_sets import describe, evaluate_set, read_eval_set
+
+    examples = read_eval_set(args.data, args.limit)  # a bad file fails before the model loads
+    model, tokenizer = _load(args.model, args.adapter)
+    result = evaluate_set(model, tokenizer, examples, args.metric, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, progress=True)
+    print(json.dumps(result, ensure_ascii=False) if args.json else f"{args.data}: {describe(result)}")
+    return 0
+
+
+def _forgetting(args: argparse.Namespace) -> int:
+    from lorafit.evaluation.forgetting import DEFAULT_LIMIT, DEFAULT_MAX_NEW_TOKENS, forgetting_check, format_forgetting
+
+    limit = DEFAULT_LIMIT if args.limit is None else args.limit
+    if limit <= 0:
+        raise ValueError(f"--limit={limit} must be positive (the shipped set has 150 prompts).")
+    model, tokenizer = _load(args.model, args.adapter)
+    result = forgetting_check(model, tokenizer, limit=limit, progress=True,
+                              max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+    print(json.dumps(result, ensure_ascii=False) if args.json else format_forgetting(result))
     return 0
 
 
