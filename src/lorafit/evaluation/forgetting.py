@@ -129,7 +129,8 @@ def forgetting_check(model: Any, tokenizer: Any, *, reference: Reference | None 
 
     prompts/text default to the shipped data (the first `limit` prompts). Returns plain data for summary.json:
     kl_per_token, kl_tokens, ppl_base, ppl_tuned, ppl_ratio, text_tokens, changed, changed_share, prompts,
-    seconds, thresholds, warnings (strings with advice), changed_samples.
+    seconds, cpu_seconds, phases (wall seconds of generation, kl, perplexity), thresholds, warnings (strings with
+    advice), changed_samples.
     """
     if reference is None:
         if not lora_layers(model):
@@ -138,7 +139,8 @@ def forgetting_check(model: Any, tokenizer: Any, *, reference: Reference | None 
         reference = lambda: adapters_disabled(model)  # noqa: E731 - a fresh context each call
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
-    clock = time.perf_counter()
+    clock, cpu = time.perf_counter(), time.process_time()
+    phases: dict[str, float] = {}
     prompts = general_prompts(limit) if prompts is None else prompts[:limit]
     if not prompts:
         raise ValueError("no prompts to compare on")
@@ -150,12 +152,15 @@ def forgetting_check(model: Any, tokenizer: Any, *, reference: Reference | None 
         with reference():
             base_answers = generate_ids(model, tokenizer, prompt_ids, **options)
         tuned_answers = generate_ids(model, tokenizer, prompt_ids, **options)
+        phases["generation_s"] = time.perf_counter() - clock
         pairs = [(p, a) for p, a in zip(prompt_ids, base_answers) if a]
         kl, kl_tokens = continuation_kl(model, pairs, reference, batch_size=batch_size)
+        phases["kl_s"] = time.perf_counter() - clock - sum(phases.values())
         ids = tokenizer(general_text() if text is None else text)["input_ids"]
         nll_tuned, text_tokens = text_nll(model, ids, max_length=max_length)
         with reference():
             nll_base, _ = text_nll(model, ids, max_length=max_length)
+        phases["perplexity_s"] = time.perf_counter() - clock - sum(phases.values())
     finally:
         model.train(was_training)
     base_texts, tuned_texts = ([tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
@@ -172,6 +177,8 @@ def forgetting_check(model: Any, tokenizer: Any, *, reference: Reference | None 
         "changed_share": len(changes) / len(prompts),
         "prompts": len(prompts),
         "seconds": time.perf_counter() - clock,
+        "cpu_seconds": time.process_time() - cpu,  # all threads: the cost on a busy machine, where wall time lies
+        "phases": phases,
         "thresholds": {"kl_per_token": KL_HIGH, "ppl_ratio": PPL_RATIO_HIGH},
         "changed_samples": [{"prompt": p, "base": b, "tuned": t} for p, b, t in changes[:SHOWN_CHANGES]],
     }
