@@ -131,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "perplexity ratio, share of changed answers; warns above thresholds.")
     forgetting.add_argument("--model", required=True, help="short name, folder, .gguf file or hub id of the base")
     forgetting.add_argument("--adapter", required=True, help="adapter folder")
-    forgetting.add_argument("--limit", type=int, default=None, help="number of general prompts (default 40 of 150)")
-    forgetting.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default 32)")
+    forgetting.add_argument("--limit", type=int, default=None,
+                            help="number of general prompts, of 150 (default: two of each kind)")
+    forgetting.add_argument("--max-new-tokens", type=int, default=None,
+                            help="answer length in tokens (default: forgetting.DEFAULT_MAX_NEW_TOKENS)")
     forgetting.add_argument("--json", action="store_true", help="print the result as JSON")
     forgetting.set_defaults(handler=_forgetting)
     return parser

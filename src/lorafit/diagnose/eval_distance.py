@@ -77,7 +77,8 @@ class EvalDistance:
         4-gram overlap >= 0.6 together with slot-value share >= 0.8: most of the wording and nearly every value
         was in train, even where whole templates differ. Either way the eval rewards recall, not transfer.
         """
-        wording = (self.ngram_overlap or 0.0) >= NGRAM_OVERLAP_HIGH and (self.slot_value_share or 0.0) >= SLOT_SHARE_HIGH
+        wording = ((self.ngram_overlap or 0.0) >= NGRAM_OVERLAP_HIGH
+                   and (self.slot_value_share or 0.0) >= SLOT_SHARE_HIGH)
         return self.template_share >= TEMPLATE_SHARE_HIGH or wording
 
     def to_text(self) -> str:

@@ -12,13 +12,17 @@ model with its reference (by default the same model with its adapters switched o
 (c) share of prompts whose greedy answer changed (tuned vs base, exact string compare after decoding).
 
 Thresholds (a warning with advice when crossed): both correspond to about 0.1 nats per token.
-- KL_HIGH = 0.1 nats/token: over a 32-token answer the base's own answer then loses about e^3.2 = 25x of its
+- KL_HIGH = 0.1 nats/token: over a 30-token answer the base's own answer then loses about e^3 = 20x of its
   likelihood under the tuned model: a behaviour change, not noise (an untouched adapter gives exactly 0).
 - PPL_RATIO_HIGH = 1.1: 10% higher perplexity = ln 1.1 = 0.095 nats/token more cross-entropy on general text.
 (c) has no threshold: one flipped token changes the whole string, so it says how often, not how much.
 
-Cost (SmolLM2-135M on 2 shared CPU cores, r=16 all-linear, the defaults below): see the slow test
-tests/slow/test_forgetting_cost.py, which measures and prints it.
+Cost: two greedy generations (base, tuned) of the prompts, two forwards over prompt + answer, two forwards over the
+text (about 1,640 SmolLM2 tokens). Measured on SmolLM2-135M with an r=16 all-linear adapter (the quickstart's
+shape) on this project's 2 shared CPU cores (load ~15): 8 prompts x 16 new tokens took 158 CPU-seconds (610 s of
+wall time under that load): generation 56%, perplexity 37%, KL 7% of the time. Generation grows with
+prompts x new tokens, the perplexity part is fixed. tests/slow/test_forgetting_cost.py prints the cost of the
+defaults below; on a GPU it is a few seconds.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from lorafit.evaluation.generate import generate_ids
 
 KL_HIGH = 0.1  # nats per answer token
 PPL_RATIO_HIGH = 1.1
-DEFAULT_LIMIT = 40  # prompts: every kind represented (the order is round-robin over kinds)
-DEFAULT_MAX_NEW_TOKENS = 32
+DEFAULT_LIMIT = 14  # prompts: two of each of the 7 kinds (the order is round-robin over kinds)
+DEFAULT_MAX_NEW_TOKENS = 24
 DEFAULT_MAX_LENGTH = 512  # tokens per perplexity chunk
 SHOWN_CHANGES = 3
 PROMPTS_FILE = "general_prompts.jsonl"
@@ -209,7 +213,7 @@ def format_forgetting(result: dict[str, Any]) -> str:
              f"  perplexity ratio   {result['ppl_ratio']:.4f} ({result['ppl_base']:.2f} -> {result['ppl_tuned']:.2f}; "
              f"warn above {PPL_RATIO_HIGH})",
              f"  changed answers    {result['changed']}/{result['prompts']} = {result['changed_share']:.1%}"]
-    lines += [f"  {sample['prompt']!r}: {sample['base']!r} -> {sample['tuned']!r}" for sample in result["changed_samples"]]
+    lines += [f"  {change['prompt']!r}: {change['base']!r} -> {change['tuned']!r}" for change in result["changed_samples"]]
     lines += [f"warning: {w}" for w in result["warnings"]] or ["  small drift: below both thresholds"]
     return "\n".join(lines)
 
