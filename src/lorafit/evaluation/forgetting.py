@@ -213,7 +213,7 @@ def format_forgetting(result: dict[str, Any]) -> str:
              f"  perplexity ratio   {result['ppl_ratio']:.4f} ({result['ppl_base']:.2f} -> {result['ppl_tuned']:.2f}; "
              f"warn above {PPL_RATIO_HIGH})",
              f"  changed answers    {result['changed']}/{result['prompts']} = {result['changed_share']:.1%}"]
-    lines += [f"  {change['prompt']!r}: {change['base']!r} -> {change['tuned']!r}" for change in result["changed_samples"]]
+    lines += [f"  {c['prompt']!r}: {c['base']!r} -> {c['tuned']!r}" for c in result["changed_samples"]]
     lines += [f"warning: {w}" for w in result["warnings"]] or ["  small drift: below both thresholds"]
     return "\n".join(lines)
 
