@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import tiny_chat_model
+from tiny_chat import tiny_chat_model
 
 from lorafit.cli import main
 from lorafit.data import DataError

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_chat_model, with_random_adapter
+from tiny_chat import tiny_chat_model, with_random_adapter
 
 import lorafit
 from lorafit.adapters.model import merge_and_unload
