@@ -120,6 +120,7 @@ def test_evaluation_sets_short_and_long_form_resolve_beside_the_yaml(tmp_path, m
     (["evaluation.sets.ood.pth=o.jsonl"], "did you mean 'path'"),
     (["training.neftune_noise_alpha=-1"], "training.neftune_noise_alpha=-1.0 must be >= 0"),
     (["training.neftune_noise_alpha=x"], "training.neftune_noise_alpha='x' should be float or null"),
+    (["training.neftune_noise_alpha=5", "method=grpo", "rewards=[r.py:f]"], "applies to method: sft only"),
 ])
 def test_evaluation_sets_and_neftune_errors(tmp_path, overrides, needle):
     with pytest.raises(ConfigError) as err:

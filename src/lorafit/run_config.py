@@ -212,6 +212,9 @@ def validate(config: RunConfig) -> None:
     if t.neftune_noise_alpha is not None and not 0 <= t.neftune_noise_alpha < float("inf"):
         raise ConfigError(f"training.neftune_noise_alpha={t.neftune_noise_alpha!r} must be >= 0 (the NEFTune paper "
                           "uses 5-15; null or 0 = no noise).")
+    if t.neftune_noise_alpha and config.method != "sft":
+        raise ConfigError(f"training.neftune_noise_alpha applies to method: sft only (in {config.method} it would "
+                          "perturb the log-prob ratios and the KL to the reference); remove it.")
     if config.init_adapter and config.adapter != AdapterConfig():
         raise ConfigError("set either adapter (a fresh adapter) or init_adapter (a saved one, whose own "
                           "adapter_config.json applies), not both.")
