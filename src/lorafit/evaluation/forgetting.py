@@ -18,11 +18,11 @@ Thresholds (a warning with advice when crossed): both correspond to about 0.1 na
 (c) has no threshold: one flipped token changes the whole string, so it says how often, not how much.
 
 Cost: two greedy generations (base, tuned) of the prompts, two forwards over prompt + answer, two forwards over the
-text (about 1,640 SmolLM2 tokens). Measured on SmolLM2-135M with an r=16 all-linear adapter (the quickstart's
-shape) on this project's 2 shared CPU cores (load ~15): 8 prompts x 16 new tokens took 158 CPU-seconds (610 s of
-wall time under that load): generation 56%, perplexity 37%, KL 7% of the time. Generation grows with
-prompts x new tokens, the perplexity part is fixed. tests/slow/test_forgetting_cost.py prints the cost of the
-defaults below; on a GPU it is a few seconds.
+text (1,639 SmolLM2 tokens). Measured on SmolLM2-135M with an r=16 all-linear adapter (the quickstart's shape) on
+this project's 2 CPU cores shared with other jobs (load ~14): the defaults (14 prompts x 24 new tokens) took 224
+CPU-seconds, 1127 s of wall time under that load (generation 75%, perplexity 17%, KL 8%); 8 prompts x 16 tokens
+took 158 CPU-seconds. Generation grows with prompts x new tokens; the perplexity part is fixed.
+tests/slow/test_forgetting_cost.py measures and prints it.
 """
 
 from __future__ import annotations
