@@ -59,3 +59,13 @@ def test_score_unknown_metric_lists_valid_names() -> None:
 def test_score_length_mismatch_raises() -> None:
     with pytest.raises(ValueError):
         score([REF, REF], [REF], "exact")
+
+
+def test_contains_finds_the_reference_inside_a_sentence() -> None:
+    from lorafit.evaluation import contains_match
+
+    assert contains_match("The capital of France is Paris.<|im_end|>", " Paris\n")
+    assert not contains_match("The capital of France is paris.", "Paris")  # case-sensitive, like exact
+    assert score(["It is Paris.", "Lyon"], ["Paris", "Paris"], "contains")["correct"] == 1
+    with pytest.raises(ValueError, match="reference is empty"):
+        contains_match("anything", "  <|im_end|>")
