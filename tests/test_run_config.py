@@ -94,3 +94,35 @@ def test_init_must_fit_the_base(tmp_path, overrides, needle):
     path.write_text("model: m\ndata: {train: t.jsonl}\n")
     with pytest.raises(ConfigError, match=needle):
         load_run_config(path, overrides)
+
+
+def test_evaluation_sets_short_and_long_form_resolve_beside_the_yaml(tmp_path, monkeypatch):
+    (tmp_path / "ood.jsonl").write_text("{}")
+    monkeypatch.chdir("/")
+    config = load_run_config(write(tmp_path, BASE + "evaluation: {sets: {in_distribution: ind.jsonl, "
+                                                    "out_of_distribution: {path: ood.jsonl, metric: contains}}}\n"))
+    sets = config.evaluation.sets
+    assert list(sets) == ["in_distribution", "out_of_distribution"]
+    assert (sets["in_distribution"].path, sets["in_distribution"].metric) == ("ind.jsonl", None)  # not found: kept
+    assert (sets["out_of_distribution"].path, sets["out_of_distribution"].metric) == (str(tmp_path / "ood.jsonl"),
+                                                                                      "contains")
+    from lorafit.run_config import to_dict
+    assert to_dict(config)["evaluation"]["sets"]["out_of_distribution"]["metric"] == "contains"
+    assert load_run_config(write(tmp_path), ["evaluation.metric=contains", "training.neftune_noise_alpha=5"]
+                           ).training.neftune_noise_alpha == 5.0
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["evaluation.sets=[a.jsonl]"], "evaluation.sets=['a.jsonl'] should be dict"),
+    (["evaluation.sets.ood=3"], "evaluation: sets.ood=3 must be a file name"),
+    (["evaluation.sets.ood.metric=bleu", "evaluation.sets.ood.path=o.jsonl"], "sets.ood.metric='bleu'"),
+    (["evaluation.sets.ood.metric=exact"], "sets.ood: path is required"),
+    (["evaluation.sets.ood.pth=o.jsonl"], "did you mean 'path'"),
+    (["training.neftune_noise_alpha=-1"], "training.neftune_noise_alpha=-1.0 must be >= 0"),
+    (["training.neftune_noise_alpha=x"], "training.neftune_noise_alpha='x' should be float or null"),
+    (["training.neftune_noise_alpha=5", "method=grpo", "rewards=[r.py:f]"], "applies to method: sft only"),
+])
+def test_evaluation_sets_and_neftune_errors(tmp_path, overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(write(tmp_path), overrides)
+    assert needle in str(err.value) and "run.yaml" in str(err.value)

@@ -159,6 +159,33 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--gpus", type=int, default=1, help="processes (GPUs) the run uses; the estimate is per process")
     memory.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="ddp replicates, fsdp shards N ways")
     memory.set_defaults(handler=_estimate_memory)
+
+    evaluate = commands.add_parser("eval", help="score a model (and adapter) on a chat eval set",
+                                   description="Greedy replies to each chat of FILE (its final assistant turn is the "
+                                               "reference), scored by the metric; prints accuracy +- its binomial "
+                                               "standard error. No training.")
+    evaluate.add_argument("--model", required=True, help="short name, folder, .gguf file or hub id")
+    evaluate.add_argument("--adapter", help="adapter folder (lorafit or PEFT format)")
+    evaluate.add_argument("--data", required=True, help="JSONL/JSON/CSV chats ending with the reference answer")
+    evaluate.add_argument("--metric", choices=("exact", "json", "contains"), default="exact")
+    evaluate.add_argument("--limit", type=int, help="score only the first N rows")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.set_defaults(handler=_eval)
+
+    forgetting = commands.add_parser("forgetting", help="how much an adapter changes the model on general inputs",
+                                     description="Base (adapter off) vs adapter on lorafit's shipped general prompts "
+                                                 "and text: mean token KL(base || tuned) on the base's greedy answers, "
+                                                 "perplexity ratio, share of changed answers; warns above thresholds.")
+    forgetting.add_argument("--model", required=True, help="short name, folder, .gguf file or hub id of the base")
+    forgetting.add_argument("--adapter", required=True, help="adapter folder")
+    forgetting.add_argument("--limit", type=int, default=None,
+                            help="number of general prompts, of 150 (default: two of each kind)")
+    forgetting.add_argument("--max-new-tokens", type=int, default=None,
+                            help="answer length in tokens (default: forgetting.DEFAULT_MAX_NEW_TOKENS)")
+    forgetting.add_argument("--json", action="store_true", help="print the result as JSON")
+    forgetting.set_defaults(handler=_forgetting)
     return parser
 
 
@@ -256,15 +283,20 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from lorafit.export import export_adapter_gguf, export_model_gguf, source_gguf, write_modelfile
+    from lorafit.export import (
+        export_adapter_gguf,
+        export_model_gguf,
+        source_gguf,
+        write_modelfile,
+    )
     from lorafit.export.gguf_file import check_output_path
     from lorafit.export.gguf_types import check_export_type
 
     if args.gguf_adapter:
         if args.type:
-            raise ValueError("--type applies to --gguf only; adapter tensors are written in F32.")
+            raise UserError("--type applies to --gguf only; adapter tensors are written in F32.")
         if not args.adapter:
-            raise ValueError("--gguf-adapter needs --adapter DIR, the adapter to export.")
+            raise UserError("--gguf-adapter needs --adapter DIR, the adapter to export.")
         check_output_path(args.gguf_adapter, "--gguf-adapter")
         model, _ = _load(args.model, args.adapter)
         print(export_adapter_gguf(model, args.gguf_adapter).summary())
@@ -277,6 +309,35 @@ def _export(args: argparse.Namespace) -> int:
                                name=Path(args.model).stem)
     print(result.summary())
     print(f"wrote {write_modelfile(args.gguf, tokenizer)} (ollama create NAME -f it)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lorafit.evaluation.eval_sets import describe, evaluate_set, read_eval_set
+
+    examples = read_eval_set(args.data, args.limit)  # a bad file fails before the model loads
+    model, tokenizer = _load(args.model, args.adapter)
+    result = evaluate_set(model, tokenizer, examples, args.metric, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, progress=True)
+    print(json.dumps(result, ensure_ascii=False) if args.json else f"{args.data}: {describe(result)}")
+    return 0
+
+
+def _forgetting(args: argparse.Namespace) -> int:
+    from lorafit.evaluation.forgetting import (
+        DEFAULT_LIMIT,
+        DEFAULT_MAX_NEW_TOKENS,
+        forgetting_check,
+        format_forgetting,
+    )
+
+    limit = DEFAULT_LIMIT if args.limit is None else args.limit
+    if limit <= 0:
+        raise UserError(f"--limit={limit} must be positive (the shipped set has 150 prompts).")
+    model, tokenizer = _load(args.model, args.adapter)
+    result = forgetting_check(model, tokenizer, limit=limit, progress=True,
+                              max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+    print(json.dumps(result, ensure_ascii=False) if args.json else format_forgetting(result))
     return 0
 
 

@@ -14,10 +14,11 @@ from typing import Any
 import yaml
 
 from lorafit.config import AdapterConfig, ConfigError
-from lorafit.evaluation.metrics import METRICS
+from lorafit.evaluation.metrics import METRICS as METRIC_FUNCTIONS
 from lorafit.quant import QUANT_SCHEMES
 
 SCHEDULES = ("cosine", "linear", "constant")
+METRICS = tuple(METRIC_FUNCTIONS)
 METHODS = ("sft", "grpo", "dpo")
 METHOD_SECTIONS = {"grpo": ("rewards", "grpo"), "dpo": ("dpo",)}  # sections that only the named method reads
 DPO_LOSSES = ("sigmoid", "ipo")
@@ -54,6 +55,16 @@ class TrainingConfig:
     log_every: int = 1
     save_every: int = 0  # steps between checkpoints; 0 = only the final adapter
     keep_checkpoints: int = 2
+    neftune_noise_alpha: float | None = None  # NEFTune: uniform noise * alpha/sqrt(seq_len*hidden) on input embeddings
+
+
+@dataclass
+class EvalSetConfig:
+    """One named eval set: a chat file whose final assistant turns are the references, and its metric
+    (None = evaluation.metric). In YAML either `name: FILE` or `name: {path: FILE, metric: contains}`."""
+
+    path: str = ""
+    metric: str | None = None
 
 
 @dataclass
@@ -66,6 +77,12 @@ class EvaluationConfig:
     max_new_tokens: int = 64
     limit: int | None = None
     batch_size: int = 64
+    sets: dict = field(default_factory=dict)  # name -> EvalSetConfig, e.g. {in_distribution: a.jsonl, ...}
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sets, dict):
+            raise ConfigError(f"sets={self.sets!r} must map names to files, e.g. {{out_of_distribution: ood.jsonl}}.")
+        self.sets = {name: _eval_set(name, spec) for name, spec in self.sets.items()}
 
 
 @dataclass
@@ -207,6 +224,12 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("training.epochs must be positive (or set training.max_steps).")
     if config.evaluation.metric not in METRICS:
         raise ConfigError(f"evaluation.metric={config.evaluation.metric!r}: use one of {', '.join(METRICS)}.")
+    if t.neftune_noise_alpha is not None and not 0 <= t.neftune_noise_alpha < float("inf"):
+        raise ConfigError(f"training.neftune_noise_alpha={t.neftune_noise_alpha!r} must be >= 0 (the NEFTune paper "
+                          "uses 5-15; null or 0 = no noise).")
+    if t.neftune_noise_alpha and config.method != "sft":
+        raise ConfigError(f"training.neftune_noise_alpha applies to method: sft only (in {config.method} it would "
+                          "perturb the log-prob ratios and the KL to the reference); remove it.")
     if config.init_adapter and config.adapter != AdapterConfig():
         raise ConfigError("set either adapter (a fresh adapter) or init_adapter (a saved one, whose own "
                           "adapter_config.json applies), not both.")
@@ -306,8 +329,10 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         return dataclasses.replace(spec, function=f"{resolve(target)}:{name}")
 
     data = dataclasses.replace(config.data, train=resolve(config.data.train), eval=resolve(config.data.eval))
+    sets = {name: dataclasses.replace(s, path=resolve(s.path)) for name, s in config.evaluation.sets.items()}
     return dataclasses.replace(config, data=data, init_adapter=resolve(config.init_adapter),
-                               rewards=[resolve_reward(r) for r in config.rewards])
+                               rewards=[resolve_reward(r) for r in config.rewards],
+                               evaluation=dataclasses.replace(config.evaluation, sets=sets))
 
 
 def _reward_spec(item: Any, where: str) -> RewardSpec:
@@ -326,6 +351,25 @@ def _reward_spec(item: Any, where: str) -> RewardSpec:
     if not math.isfinite(item.weight):
         raise ConfigError(f"{where}.weight={item.weight!r} must be a finite number.")
     return item
+
+
+def _eval_set(name: Any, spec: Any) -> EvalSetConfig:
+    """An evaluation.sets entry as written in YAML (a file name or a mapping) becomes a checked EvalSetConfig."""
+    where = f"sets.{name}"  # build() puts "evaluation: " in front
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"sets: name {name!r} must be a word such as out_of_distribution "
+                          "(letters, digits, underscores).")
+    if isinstance(spec, str):
+        spec = EvalSetConfig(path=spec)
+    elif isinstance(spec, dict):
+        spec = build(EvalSetConfig, spec, where)
+    elif not isinstance(spec, EvalSetConfig):
+        raise ConfigError(f"{where}={spec!r} must be a file name or {{path: FILE, metric: exact|json|contains}}.")
+    if not spec.path:
+        raise ConfigError(f"{where}: path is required (a .jsonl, .json or .csv file of chats with reference answers).")
+    if spec.metric is not None and spec.metric not in METRICS:
+        raise ConfigError(f"{where}.metric={spec.metric!r}: use one of {', '.join(METRICS)}.")
+    return spec
 
 
 def _field_type(cls: type, name: str) -> Any:

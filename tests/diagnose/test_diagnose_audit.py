@@ -157,13 +157,14 @@ def test_train_eval_overlap_by_chat_and_by_prompt(tmp_path, tokenizer):
     assert "eval.jsonl:3" in finding(result, "eval_overlap_chat").message
     check = finding(result, "eval_overlap_prompt")
     assert "1 of 4 rows" in check.message and "eval.jsonl:4" in check.message
-    assert audit(tmp_path, tokenizer, train, clean_rows(2, "eval")).findings == []
+    # train's sentences with other numbers: no overlap, but the same templates (lorafit.diagnose.eval_distance)
+    assert [f.code for f in audit(tmp_path, tokenizer, train, clean_rows(2, "eval")).findings] == ["eval_in_distribution"]
 
 
 def test_text_rows_are_audited_for_duplicates_and_overlap(tmp_path, tokenizer):
     train = [{"text": "The quick brown fox."}, {"text": "the quick brown fox"}, {"text": "Hello there."}]
     result = audit(tmp_path, tokenizer, train, [{"text": "Hello there."}])
-    assert {f.code for f in result.findings} == {"near_duplicates", "eval_overlap_chat"}
+    assert {f.code for f in result.findings} == {"near_duplicates", "eval_overlap_chat", "eval_in_distribution"}
 
 
 def test_text_and_dict_outputs(tmp_path, tokenizer):

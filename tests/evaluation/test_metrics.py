@@ -93,3 +93,13 @@ def test_score_json_strict_and_the_run_config_accepts_it(tmp_path) -> None:
     assert score(preds, [REF] * 4, "json_strict") == {"metric": "json_strict", "correct": 1, "total": 4,
                                                       "accuracy": 0.25}
     assert score(preds, [REF] * 4, "json")["correct"] == 3
+
+
+def test_contains_finds_the_reference_inside_a_sentence() -> None:
+    from lorafit.evaluation import contains_match
+
+    assert contains_match("The capital of France is Paris.<|im_end|>", " Paris\n")
+    assert not contains_match("The capital of France is paris.", "Paris")  # case-sensitive, like exact
+    assert score(["It is Paris.", "Lyon"], ["Paris", "Paris"], "contains")["correct"] == 1
+    with pytest.raises(ValueError, match="reference is empty"):
+        contains_match("anything", "  <|im_end|>")

@@ -134,7 +134,7 @@ def _reply(value: object, source: str, name: str) -> dict[str, Any]:
     if len(messages) != 1 or messages[0]["role"] != "assistant":
         fail(source, f"'{name}' must be one assistant reply, got {len(messages)} message(s) "
                      f"with roles {[m['role'] for m in messages]}",
-             f'write it as a string or [{{"role": "assistant", "content": "..."}}]')
+             'write it as a string or [{"role": "assistant", "content": "..."}]')
     if not messages[0]["content"].strip():
         fail(source, f"'{name}' is an empty reply", f"write the {name} reply or remove the row")
     return messages[0]

@@ -1,4 +1,5 @@
-"""Dataset audit before training: sizes, token lengths, truncation, duplicates, tiny replies, train/eval overlap.
+"""Dataset audit before training: sizes, token lengths, truncation, duplicates, tiny replies, train/eval overlap,
+and how far each eval set is from train (lorafit.diagnose.eval_distance).
 
 Reads the files the way training does (lorafit.data), but collects every problem instead of stopping at the
 first, so `lorafit check` can show them all at once, each with the rows to look at.
@@ -19,6 +20,7 @@ import numpy as np
 from lorafit.data import Example, build_prompt_ids, read_examples, tokenize_example
 from lorafit.data.chat import IGNORE
 from lorafit.diagnose.checks import Check, format_checks
+from lorafit.diagnose.eval_distance import EvalDistance, eval_distance
 from lorafit.run_config import RunConfig
 
 MIN_REPLY_TOKENS = 3  # replies shorter than this teach little beyond "stop" (fine for yes/no or label tasks)
@@ -49,6 +51,7 @@ class DatasetAudit:
     limit_name: str  # "data.max_seq_len", or "data.max_seq_len - grpo.max_new_tokens" for GRPO prompts
     splits: list[SplitSummary]
     findings: list[Check] = field(default_factory=list)
+    eval_distance: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval set name -> EvalDistance.to_dict()
 
     def to_text(self) -> str:
         """A table of the splits followed by the findings, for the terminal."""
@@ -59,6 +62,8 @@ class DatasetAudit:
                             (("min", 7), ("median", 8), ("p90", 7), ("p99", 7), ("max", 7)))
             share = f"{s.over_limit / s.examples:.1%}"
             lines.append(f"  {s.name:<6}{s.examples:>9}{stats}  {s.over_limit} ({share})   {s.path}")
+        for name, distance in self.eval_distance.items():
+            lines.append(f"  {name} vs train: {distance['summary']}")
         lines.append(format_checks(self.findings, title="dataset findings"))
         return "\n".join(lines)
 
@@ -92,7 +97,26 @@ def audit_dataset(config: RunConfig, tokenizer: Any) -> DatasetAudit:
     audit.findings += _duplicate_findings(train)
     if evaluation is not None:
         audit.findings += _overlap_findings(train, evaluation)
+    eval_sets = {"eval": evaluation} if evaluation is not None else {}
+    eval_sets |= {name: read_examples(spec.path, require_reply=False) for name, spec in config.evaluation.sets.items()}
+    for name, examples in eval_sets.items():
+        distance = eval_distance(train, examples)
+        audit.eval_distance[name] = {**distance.to_dict(), "summary": distance.to_text()}
+        audit.findings += _distance_findings(name, distance)
     return audit
+
+
+def _distance_findings(name: str, distance: EvalDistance) -> list[Check]:
+    """The in-distribution warning (thresholds: EvalDistance.in_distribution), with the figures."""
+    if not distance.in_distribution:
+        return []
+    return [Check(
+        "warning", "eval_in_distribution",
+        f"{name}: your eval set is in-distribution: it measures memorisation, not generalisation "
+        f"({distance.to_text()}).",
+        "also score an eval set written independently of the training data (new phrasings, values never in train) "
+        "as evaluation.sets.out_of_distribution; keep this one as in_distribution.",
+    )]
 
 
 def _audit_chats(name: str, path: str, examples: list[Example], tokenizer: Any, max_seq_len: int,

@@ -79,16 +79,30 @@ def json_strict_match(prediction: str, reference: str) -> bool:
     return _whole_json_object(_normalize(prediction)) == _reference_object(reference)
 
 
+def contains_match(prediction: str, reference: str) -> bool:
+    """True when the normalized reference occurs in the normalized prediction (case-sensitive).
+
+    For short factual answers ("Paris") that a chat model wraps in a sentence. An empty reference is an error:
+    it would be contained in every prediction.
+    """
+    expected = _normalize(reference)
+    if not expected:
+        raise UserError("reference is empty: metric 'contains' would count every prediction as correct")
+    return expected in _normalize(prediction)
+
+
 METRICS: dict[str, Callable[[str, str], bool]] = {
     "exact": exact_match,
     "json": json_exact_match,  # the first JSON object anywhere in the reply
     "json_strict": json_strict_match,  # the whole reply is the JSON object
+    "contains": contains_match,  # the reference occurs in the reply
 }
 
 
 def score(predictions: list[str], references: list[str], metric: str) -> dict[str, Any]:
     """Score paired predictions/references with the named metric: "exact" (the whole reply, normalised), "json"
-    (the first JSON object in the reply) or "json_strict" (the whole reply is the JSON object)."""
+    (the first JSON object in the reply), "json_strict" (the whole reply is the JSON object) or "contains" (the
+    reference occurs in the reply)."""
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}; valid names: {', '.join(sorted(METRICS))}")
     if len(predictions) != len(references):

@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from lorafit.adapters.model import adapter_config, lora_layers
+from lorafit.errors import UserError
 from lorafit.export.gguf_arch import (
     gguf_architecture,
     gguf_tensor_name,
@@ -44,7 +45,7 @@ def export_adapter_gguf(model: PreTrainedModel, path: str | Path) -> GGUFExport:
     path = check_output_path(path, "--gguf-adapter")
     config = adapter_config(model)
     if config is None:
-        raise ValueError("--gguf-adapter needs an adapter: pass --adapter DIR.")
+        raise UserError("--gguf-adapter needs an adapter: pass --adapter DIR.")
     _refuse_inexpressible(config)
     arch = gguf_architecture(model.config)
     names = tensor_name_map(arch, model.config.num_hidden_layers)
@@ -53,7 +54,7 @@ def export_adapter_gguf(model: PreTrainedModel, path: str | Path) -> GGUFExport:
     layers = lora_layers(model)
     for module in layers:
         if module.endswith("lm_head") and tied:
-            raise ValueError(f"the adapter changes {module}, which this model ties to its embeddings; llama.cpp would "
+            raise UserError(f"the adapter changes {module}, which this model ties to its embeddings; llama.cpp would "
                              f"ignore it: {MERGED_HINT}.")
 
     def metadata(writer: gguf.GGUFWriter) -> None:
@@ -79,15 +80,15 @@ def export_adapter_gguf(model: PreTrainedModel, path: str | Path) -> GGUFExport:
 
 def _refuse_inexpressible(config) -> None:
     if config.use_dora:
-        raise ValueError("a DoRA adapter cannot be a llama.cpp LoRA GGUF (llama.cpp has no magnitude vector; its "
+        raise UserError("a DoRA adapter cannot be a llama.cpp LoRA GGUF (llama.cpp has no magnitude vector; its "
                          f"update is not B·A): {MERGED_HINT}.")
     if config.is_pissa:
-        raise ValueError(f"this PiSSA adapter is in residual form (init={config.init!r}): it applies to a base with its "
+        raise UserError(f"this PiSSA adapter is in residual form (init={config.init!r}): it applies to a base with its "
                          "principal components removed, not to the original base in the base GGUF; save it converted "
                          f"(save_adapter(convert_pissa=True)) or {MERGED_HINT}.")
     if config.init == "loftq":
-        raise ValueError("a LoftQ adapter corrects the NF4-quantised base it was initialised on, not the original "
+        raise UserError("a LoftQ adapter corrects the NF4-quantised base it was initialised on, not the original "
                          f"weights in a base GGUF: {MERGED_HINT}.")
     if config.bias != "none":
-        raise ValueError(f"this adapter also trains biases (bias={config.bias!r}), which a llama.cpp LoRA GGUF cannot "
+        raise UserError(f"this adapter also trains biases (bias={config.bias!r}), which a llama.cpp LoRA GGUF cannot "
                          f"carry: {MERGED_HINT}.")

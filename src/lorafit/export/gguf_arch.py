@@ -12,6 +12,8 @@ import gguf
 import numpy as np
 from transformers import PretrainedConfig
 
+from lorafit.errors import UserError
+
 # Hugging Face model_type -> GGUF general.architecture
 SUPPORTED_ARCHITECTURES: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _PERMUTED_ARCHITECTURES = ("llama",)
@@ -22,11 +24,11 @@ def gguf_architecture(config: PretrainedConfig) -> str:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:
         supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
-        raise ValueError(f"GGUF export does not support model_type {model_type!r}; supported: {supported}.")
+        raise UserError(f"GGUF export does not support model_type {model_type!r}; supported: {supported}.")
     rope = getattr(config, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
-        raise ValueError(f"GGUF export supports plain RoPE only; this {model_type} model uses rope_type={rope_type!r} "
+        raise UserError(f"GGUF export supports plain RoPE only; this {model_type} model uses rope_type={rope_type!r} "
                          "(rope scaling is not exported yet): use `lorafit merge --out DIR` instead.")
     return SUPPORTED_ARCHITECTURES[model_type]
 
@@ -63,7 +65,7 @@ def gguf_tensor_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
     """`model.layers.0.self_attn.q_proj.weight` -> `blk.0.attn_q.weight` (gguf-py's own table)."""
     name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
-        raise ValueError(f"tensor {hf_name!r} has no GGUF name for this architecture; the model has layers that "
+        raise UserError(f"tensor {hf_name!r} has no GGUF name for this architecture; the model has layers that "
                          "llama.cpp would not read: use `lorafit merge --out DIR` instead.")
     return name
 

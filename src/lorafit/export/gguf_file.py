@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
+from lorafit.errors import UserError
 from lorafit.export.gguf_types import TensorChoice, encode
 from lorafit.fileio import atomic_file
 
@@ -35,11 +36,11 @@ def check_output_path(path: str | Path, option: str) -> Path:
     """A .gguf path inside an existing folder, or a one-line ValueError naming the option."""
     path = Path(path)
     if path.suffix != ".gguf":
-        raise ValueError(f"{option} {str(path)!r}: the file name must end in .gguf.")
+        raise UserError(f"{option} {str(path)!r}: the file name must end in .gguf.")
     if not path.parent.is_dir():
-        raise ValueError(f"{option} {str(path)!r}: the folder {str(path.parent)!r} does not exist; create it first.")
+        raise UserError(f"{option} {str(path)!r}: the folder {str(path.parent)!r} does not exist; create it first.")
     if path.is_dir():
-        raise ValueError(f"{option} {str(path)!r} is a folder; pass a file name such as {path / 'model.gguf'}.")
+        raise UserError(f"{option} {str(path)!r} is a folder; pass a file name such as {path / 'model.gguf'}.")
     return path
 
 

@@ -12,6 +12,7 @@ from gguf import GGUFReader
 from transformers import PreTrainedTokenizerBase
 
 from lorafit.config import LorafitWarning
+from lorafit.errors import UserError
 from lorafit.models.zoo import KNOWN_MODELS, fetch_gguf
 
 TOKENIZER_PREFIX = "tokenizer."
@@ -31,10 +32,10 @@ def add_tokenizer_from_gguf(writer: gguf.GGUFWriter, source: Path, vocab_size: i
     reader = GGUFReader(source)
     fields = {name: field for name, field in reader.fields.items() if name.startswith(TOKENIZER_PREFIX)}
     if TOKENS_KEY not in fields:
-        raise ValueError(f"{source} has no {TOKENS_KEY}; export from the Hugging Face folder of the model instead.")
+        raise UserError(f"{source} has no {TOKENS_KEY}; export from the Hugging Face folder of the model instead.")
     count = len(fields[TOKENS_KEY].contents())
     if count != vocab_size:
-        raise ValueError(f"{source} lists {count} tokens but the model has {vocab_size} embedding rows; "
+        raise UserError(f"{source} lists {count} tokens but the model has {vocab_size} embedding rows; "
                          "the GGUF is not this model's source.")
     for name, field in fields.items():
         main = gguf.GGUFValueType(field.types[0])
@@ -48,11 +49,11 @@ def add_tokenizer_from_hf(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenize
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     if spec.get("model", {}).get("type") != "BPE" or spec["model"].get("byte_fallback"):
-        raise ValueError("GGUF export writes byte-level BPE (gpt2-style) tokenizers only; this tokenizer is "
+        raise UserError("GGUF export writes byte-level BPE (gpt2-style) tokenizers only; this tokenizer is "
                          f"{spec.get('model', {}).get('type', type(tokenizer).__name__)} (SentencePiece needs tokenizer.model).")
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     if len(by_id) > vocab_size or max(by_id) >= vocab_size:
-        raise ValueError(f"the tokenizer has {len(by_id)} tokens (max id {max(by_id)}) but the model only "
+        raise UserError(f"the tokenizer has {len(by_id)} tokens (max id {max(by_id)}) but the model only "
                          f"{vocab_size} embedding rows; they do not belong together.")
     added = {index: token.special for index, token in tokenizer.added_tokens_decoder.items()}
     tokens, types = [], []

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
+from lorafit.errors import UserError
+
 Q = gguf.GGMLQuantizationType
 EXPORT_TYPES: dict[str, tuple[Q, gguf.LlamaFileType]] = {
     "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
@@ -38,7 +40,7 @@ class TensorChoice:
 def check_export_type(export_type: str) -> tuple[Q, gguf.LlamaFileType]:
     """(main GGML type, general.file_type) of an export type name, or a one-line ValueError."""
     if export_type not in EXPORT_TYPES:
-        raise ValueError(f"unknown GGUF type {export_type!r}: use one of {', '.join(EXPORT_TYPES)} "
+        raise UserError(f"unknown GGUF type {export_type!r}: use one of {', '.join(EXPORT_TYPES)} "
                          "(K-quants such as q4_k_m need llama.cpp's llama-quantize on the f16 export).")
     return EXPORT_TYPES[export_type]
 
