@@ -48,7 +48,7 @@ class TrainingConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    bf16: bool | str = "auto"  # autocast to bf16; auto = on CUDA GPUs with bf16, off on CPU (slow there)
+    bf16: bool | str = "auto"  # autocast to bf16; auto = where bf16 is fast (device.bf16_worthwhile)
     gradient_checkpointing: bool = False
     seed: int = 0
     log_every: int = 1

@@ -130,7 +130,7 @@ def _adapter_init(config: RunConfig) -> str:
 
 
 def use_bf16(t: TrainingConfig, device: torch.device) -> bool:
-    """Whether to autocast to bf16: training.bf16 true, or auto on a device where it pays (CUDA with bf16)."""
+    """Whether to autocast to bf16: training.bf16 true, or auto on a device where it pays (device.bf16_worthwhile)."""
     return t.bf16 is True or (t.bf16 == "auto" and bf16_worthwhile(device))
 
 

@@ -4,7 +4,7 @@ Memory / speed levers and their cost:
 - loss only at target positions, head CE in chunks (train/loss.py): no full-vocabulary logits; free.
 - the fused LoRA branch (adapters/lora.py): no dropout copy of inputs; free.
 - packing (data.packing): no padding compute; attention confined per example by position ids.
-- bf16 autocast (training.bf16, auto = CUDA only): faster on GPUs, half-size activations; slow on CPUs without bf16.
+- bf16 autocast (training.bf16, auto = where bf16 is fast: CUDA, CPUs with AVX-512 BF16/AMX); slow on CPUs without.
 - gradient checkpointing (training.gradient_checkpointing): recomputes each block; ~30% slower, far less memory.
 """
 
