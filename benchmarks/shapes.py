@@ -1,6 +1,6 @@
 """Model shapes the benchmarks build without weights: named LlamaConfig presets, or any config.json.
 
-"smollm2-135m" is SmolLM2-135M-Instruct's shape (the config lorafit's cached checkpoint carries); "llama-1b" is
+"small" is a 4-block toy for quick CPU measurements; "smollm2-135m" is SmolLM2-135M-Instruct's shape (the config lorafit's cached checkpoint carries); "llama-1b" is
 Llama-3.2-1B's (16 blocks of hidden 2048, MLP 8192, 32 query / 8 KV heads, vocab 128256, tied embeddings).
 """
 
@@ -12,6 +12,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
 PRESETS = {
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, vocab_size=4096, tie_word_embeddings=True),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True),
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

@@ -17,6 +17,16 @@ import lorafit
 os.environ["LORAFIT_BF16"] = "0"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where CUDA is present and are skipped, with the reason listed (-rs), elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu test: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(params=["llama", "qwen2", "mistral", "gpt2"])
 def arch(request) -> str:
     return request.param

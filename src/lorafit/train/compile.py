@@ -3,7 +3,7 @@
 Blocks are compiled with nn.Module.compile() (in place), so parameter names, state dicts, saved adapters and
 checkpoints are the same as without compiling. The first step pays the compile time (tens of seconds per distinct
 block input shape); later steps run the compiled kernels. Whether it pays depends on the device and the shapes:
-benchmarks/compile_speed.py measures it.
+benchmarks/compile_speed.py measures it; on CPU the default is off.
 """
 
 from __future__ import annotations
