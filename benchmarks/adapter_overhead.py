@@ -45,11 +45,10 @@ from common import (
     time_steps,
     use_all_cpus,
 )
+from roofline import bound_tokens_per_s
 from torch import nn
 
 import lorafit
-from roofline import bound_tokens_per_s
-
 from lorafit.device import bf16_worthwhile, default_device
 from lorafit.train.loss import target_loss_sum
 

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import machine_info, markdown_table, median, save_results, synchronize, use_all_cpus
+from common import (
+    machine_info,
+    markdown_table,
+    median,
+    save_results,
+    synchronize,
+    use_all_cpus,
+)
 from shapes import PRESETS, build_model, model_config
 
 import lorafit

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS_DIR, machine_info, markdown_table, save_results, synchronize, use_all_cpus
+from common import (
+    RESULTS_DIR,
+    machine_info,
+    markdown_table,
+    save_results,
+    synchronize,
+    use_all_cpus,
+)
 from shapes import PRESETS, build_model, model_config
 
 from lorafit.device import bf16_worthwhile, default_device
