@@ -6,7 +6,8 @@ batch 4 x 256 random tokens (loss on all of them), AdamW lr 1e-4, r=16 alpha=32 
 `lorafit train` runs: the same layers plus lorafit's loss, which never builds the full-vocabulary logits.
 DoRA configs (`--method dora`) compare PEFT with lorafit-step computing DoRA's row norms the factored way
 (the default) and "lorafit-step-direct-norm", which forms W0 + s·B A per layer as PEFT does.
-The runs alternate between the libraries so that background load does not favour one side.
+The runs alternate between the libraries so that background load does not favour one side. Each run's tokens/s
+is also given as a share of the matmul-only bound of the step (benchmarks/roofline.py), timed in this process.
 By default the bf16 config runs only where bf16 autocast is worthwhile (CUDA): on a CPU without native
 bf16 instructions one step takes minutes; ask for it with --configs to measure it anyway.
 
@@ -44,6 +45,7 @@ from common import (
     time_steps,
     use_all_cpus,
 )
+from roofline import bound_tokens_per_s
 from torch import nn
 
 import lorafit
@@ -221,11 +223,12 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def runs_table(runs: list[dict[str, Any]]) -> str:
     """Markdown table of every run; CUDA columns appear only when a run used CUDA."""
     cuda = any(run["cuda_peak_bytes"] is not None for run in runs)
-    headers = ["config", "library", "tokens/s", "step s (median)", "peak RSS GB", "overhead GB"]
+    headers = ["config", "library", "tokens/s", "share of bound", "step s (median)", "peak RSS GB", "overhead GB"]
     headers += ["peak CUDA GB", "CUDA overhead GB"] if cuda else []
     rows = []
     for run in runs:
-        row = [run["config"], run["library"], f"{run['tokens_per_s']:.0f}", f"{run['median_step_s']:.3f}",
+        row = [run["config"], run["library"], f"{run['tokens_per_s']:.0f}", f"{run['share_of_bound']:.0%}",
+               f"{run['median_step_s']:.3f}",
                f"{run['peak_rss_bytes'] / GB:.3f}", f"{run['overhead_rss_bytes'] / GB:.3f}"]
         if cuda:
             peak, overhead = memory_basis(run)
@@ -272,6 +275,11 @@ def main() -> None:
     info = machine_info(default_device())
     start = time.perf_counter()
     runs = run_all(args.configs, args.warmup, args.steps)
+    use_all_cpus()
+    bounds = {dtype: bound_tokens_per_s(MODEL, BATCH_SIZE, SEQ_LEN, RANK, dtype or torch.float32)
+              for dtype in {CONFIGS[name].autocast_dtype for name in args.configs}}
+    for run in runs:
+        run["share_of_bound"] = run["tokens_per_s"] / bounds[CONFIGS[run["config"]].autocast_dtype]
     config_ratios = ratios(runs)
     print(runs_table(runs), ratios_table(config_ratios), sep="\n\n")
     loss_ok = all(r["start_loss_diff"] <= START_LOSS_TOLERANCE for r in config_ratios.values())
@@ -288,6 +296,7 @@ def main() -> None:
             "configs": args.configs, "data_seed": DATA_SEED, "start_loss_tolerance": START_LOSS_TOLERANCE,
             "bf16_worthwhile": bf16_worthwhile(default_device()),
         },
+        "bound_tokens_per_s": {str(dtype or torch.float32): bound for dtype, bound in bounds.items()},
         "runs": runs,
         "ratios": config_ratios,
         "start_losses_agree": loss_ok,

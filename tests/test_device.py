@@ -1,4 +1,5 @@
-"""Peak memory per window: the process's peak RSS grows by what a step allocates and resets between steps."""
+"""Peak memory per window (the process's peak RSS grows by what a step allocates and resets between steps), and the
+bf16 decision (bf16_worthwhile) with the machine mocked."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import lorafit.device as device_module
 from lorafit.device import peak_memory_mib, reset_peak_memory
+from lorafit.errors import UserError
 
 CPU = torch.device("cpu")
 BLOCK_MIB = 256
@@ -37,3 +40,74 @@ def test_cuda_peaks_follow_torch_allocator():
     del block
     reset_peak_memory(device)
     assert peak_memory_mib(device)["cuda_max_allocated_mib"] < BLOCK_MIB
+
+
+# --- bf16_worthwhile: the decision, with the machine (flags, probe, CUDA) mocked; no wall-clock assertions ---
+
+@pytest.fixture
+def bf16_decision(monkeypatch):
+    """A fresh decision: no LORAFIT_BF16 pin (conftest sets one), no cached probe result; the probe is counted."""
+    monkeypatch.delenv(device_module.BF16_ENV, raising=False)
+    device_module.cpu_bf16_fast.cache_clear()
+    calls = []
+
+    def machine(flags, fp32_s, bf16_s):
+        monkeypatch.setattr(device_module, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(device_module, "matmul_probe_seconds", lambda: calls.append(1) or (fp32_s, bf16_s))
+        return calls
+
+    yield machine
+    device_module.cpu_bf16_fast.cache_clear()
+
+
+def test_cpu_with_bf16_instructions_and_a_fast_probe_uses_bf16(bf16_decision):
+    calls = bf16_decision(frozenset({"avx512f", "avx512_bf16"}), fp32_s=0.0118, bf16_s=0.0024)
+    assert device_module.bf16_worthwhile(CPU) is True
+    assert device_module.default_compute_dtype(CPU) == torch.bfloat16
+    assert len(calls) == 1  # cached: the second question did not probe again
+
+
+def test_cpu_whose_probe_is_slow_keeps_fp32(bf16_decision):
+    bf16_decision(frozenset({"amx_bf16"}), fp32_s=0.0100, bf16_s=0.0090)  # faster, but under PROBE_MIN_SPEEDUP
+    assert device_module.bf16_worthwhile(CPU) is False
+    assert device_module.default_compute_dtype(CPU) == torch.float32
+
+
+def test_cpu_without_bf16_flags_keeps_fp32_without_probing(bf16_decision):
+    calls = bf16_decision(frozenset({"avx2", "avx512f"}), fp32_s=0.01, bf16_s=0.001)
+    assert device_module.bf16_worthwhile(CPU) is False
+    assert calls == []
+
+
+def test_unreadable_flags_leave_the_decision_to_the_probe(bf16_decision):
+    bf16_decision(None, fp32_s=0.0118, bf16_s=0.0024)
+    assert device_module.bf16_worthwhile(CPU) is True
+
+
+def test_cuda_path_asks_the_gpu_not_the_cpu_probe(bf16_decision, monkeypatch):
+    calls = bf16_decision(frozenset({"avx512_bf16"}), fp32_s=0.01, bf16_s=0.001)
+    cuda = torch.device("cuda")
+    for supported in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert device_module.bf16_worthwhile(cuda) is supported
+    assert calls == []
+    assert device_module.bf16_worthwhile(torch.device("meta")) is False
+
+
+def test_environment_override_wins_and_rejects_other_values(bf16_decision, monkeypatch):
+    calls = bf16_decision(frozenset({"avx512_bf16"}), fp32_s=0.01, bf16_s=0.001)
+    monkeypatch.setenv(device_module.BF16_ENV, "0")
+    assert device_module.bf16_worthwhile(CPU) is False
+    monkeypatch.setenv(device_module.BF16_ENV, "1")
+    assert device_module.bf16_worthwhile(CPU) is True and device_module.bf16_worthwhile(torch.device("cuda")) is True
+    assert calls == []
+    monkeypatch.setenv(device_module.BF16_ENV, "yes")
+    with pytest.raises(UserError, match="LORAFIT_BF16='yes'"):
+        device_module.bf16_worthwhile(CPU)
+
+
+def test_cpu_flags_parse_this_machine():
+    flags = device_module.cpu_flags()
+    if flags is None:
+        pytest.skip("no readable /proc/cpuinfo flags line (not x86 Linux)")
+    assert flags and all(" " not in flag for flag in flags)

@@ -45,6 +45,7 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
         ("training.schedule=step", "training.schedule='step'"),
         ("training.micro_batch_size=3", "must divide training.batch_size=16"),
         ("evaluation.metric=bleu", "evaluation.metric='bleu'"),
+        ("training.compile=fast", "training.compile='fast'"),
     ],
 )
 def test_errors_name_the_key(tmp_path, override, needle):

@@ -59,6 +59,10 @@ class AdapterConfig:
     exclude_modules: str | list[str] | None = None
     use_rslora: bool = False
     use_dora: bool = False
+    # DoRA with dropout: false = PEFT's formula (exact parity; one extra W0·dropout(x) matmul per layer and step);
+    # true = dropout on the low-rank path only, y = bias + m/||W0 + s·BA|| ⊙ (W0 x + s·B A dropout(x)): LoRA's cost.
+    # Training only (eval and saved adapters are the same DoRA), so it is not written to adapter_config.json.
+    dora_dropout_lowrank_only: bool = False
     bias: str = "none"
     init: str = "default"
     loftq_iter: int = 1  # alternations of NF4 quantisation and SVD for init="loftq"
@@ -83,6 +87,8 @@ class AdapterConfig:
             raise ConfigError(f"loftq_iter={self.loftq_iter!r} is invalid: use a positive integer (1 is PEFT's default).")
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"use_dora={self.use_dora!r} is invalid: use true or false.")
+        if not isinstance(self.dora_dropout_lowrank_only, bool):
+            raise ConfigError(f"dora_dropout_lowrank_only={self.dora_dropout_lowrank_only!r} is invalid: use true or false.")
         _check_targets("target_modules", self.target_modules)
         if self.exclude_modules is not None:
             _check_targets("exclude_modules", self.exclude_modules)

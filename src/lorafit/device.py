@@ -1,11 +1,24 @@
-"""Device choice (CUDA when present, else CPU; nothing in lorafit names a device otherwise) and peak memory."""
+"""Device choice (CUDA when present, else CPU; nothing in lorafit names a device otherwise), whether bf16 pays on it,
+and peak memory."""
 
 from __future__ import annotations
 
+import functools
+import os
 import resource
 import sys
+import time
+from pathlib import Path
 
 import torch
+
+from lorafit.errors import UserError
+
+BF16_ENV = "LORAFIT_BF16"  # "1" / "0": force bf16 autocast and 4-bit compute in bf16 on or off, skipping the decision
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # x86 instructions that make bf16 matmuls fast
+PROBE_SHAPE = (1024, 576, 1536)  # (rows, in, out): a SmolLM2-sized block linear on a 4 x 256 batch
+PROBE_REPEATS = 3
+PROBE_MIN_SPEEDUP = 1.2  # bf16 must beat fp32 by this much: autocast's casts eat a small margin
 
 
 def default_device() -> torch.device:
@@ -14,17 +27,72 @@ def default_device() -> torch.device:
 
 
 def bf16_worthwhile(device: torch.device) -> bool:
-    """Whether bf16 autocast speeds up training on `device`: CUDA GPUs with bf16 support.
+    """Whether bf16 (autocast, and the compute dtype of 4-bit layers) speeds up training on `device`.
 
-    Not on CPU: without native bf16 instructions (e.g. AVX2-only machines like ours), bf16 matmuls
-    run 6-70x slower than fp32 (measured: 828x1536 @ 1536x576 took 701 ms vs 9.4 ms), so "auto" keeps fp32.
+    The one owner of that decision ("bf16: auto" and default_compute_dtype ask here). In order:
+    LORAFIT_BF16=1/0 in the environment decides outright; CUDA: the GPU supports bf16; CPU: the CPU has
+    native bf16 instructions (AVX-512 BF16 or AMX) and a timed probe confirms bf16 matmuls are really faster
+    (cpu_bf16_fast). CPUs without them (AVX2-only, or AVX-512 without BF16) run bf16 matmuls 6-70x slower than
+    fp32 (measured on an AVX2 machine: 828x1536 @ 1536x576 took 701 ms vs 9.4 ms), so "auto" keeps fp32 there.
     """
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    override = os.environ.get(BF16_ENV)
+    if override is not None:
+        if override not in ("0", "1"):
+            raise UserError(f"environment variable {BF16_ENV}={override!r}: use 1 (bf16 on), 0 (off), or unset it.")
+        return override == "1"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_bf16_fast()
 
 
 def default_compute_dtype(device: torch.device) -> torch.dtype:
-    """The dtype 4-bit layers compute in: bf16 where bf16 is fast (CUDA), else fp32."""
+    """The dtype 4-bit layers compute in: bf16 where bf16 is fast (bf16_worthwhile), else fp32."""
     return torch.bfloat16 if bf16_worthwhile(device) else torch.float32
+
+
+@functools.cache
+def cpu_bf16_fast() -> bool:
+    """Whether this CPU runs bf16 matmuls clearly faster than fp32; decided once per process.
+
+    Where the CPU's flags are readable (Linux) and name neither avx512_bf16 nor amx_bf16, no probe runs (it
+    would take seconds there). Otherwise the probe decides: bf16 must be >= PROBE_MIN_SPEEDUP x faster.
+    """
+    flags = cpu_flags()
+    if flags is not None and not flags & CPU_BF16_FLAGS:
+        return False
+    fp32_s, bf16_s = matmul_probe_seconds()
+    return fp32_s >= PROBE_MIN_SPEEDUP * bf16_s
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (x86 Linux), or None where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return None
+
+
+def matmul_probe_seconds() -> tuple[float, float]:
+    """Best-of-PROBE_REPEATS seconds of one PROBE_SHAPE matmul on the CPU in fp32 and in bf16 (after a warm-up)."""
+    rows, n_in, n_out = PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, n_in, generator=generator)
+    w = torch.randn(n_in, n_out, generator=generator)
+    seconds = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = x.to(dtype), w.to(dtype)
+        a @ b  # warm-up: first-call dispatch and packing
+        best = float("inf")
+        for _ in range(PROBE_REPEATS):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        seconds.append(best)
+    return seconds[0], seconds[1]
 
 
 MIB = 2**20

@@ -49,8 +49,9 @@ class TrainingConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    bf16: bool | str = "auto"  # autocast to bf16; auto = on CUDA GPUs with bf16, off on CPU (slow there)
+    bf16: bool | str = "auto"  # autocast to bf16; auto = where bf16 is fast (device.bf16_worthwhile)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder block (train/compile.py); falls back to eager with a warning
     seed: int = 0
     log_every: int = 1
     save_every: int = 0  # steps between checkpoints; 0 = only the final adapter
@@ -218,6 +219,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"training.micro_batch_size={micro} must divide training.batch_size={t.batch_size}.")
     if t.schedule not in SCHEDULES:
         raise ConfigError(f"training.schedule={t.schedule!r}: use one of {', '.join(SCHEDULES)}.")
+    if not isinstance(t.compile, bool):
+        raise ConfigError(f"training.compile={t.compile!r}: use true or false.")
     if t.bf16 not in (True, False, "auto"):
         raise ConfigError(f"training.bf16={t.bf16!r}: use true, false or auto.")
     if t.max_steps is None and not t.epochs > 0:

@@ -207,3 +207,46 @@ def test_dora_training_gradients_match_peft(tmp_path, arch, input_ids):
     worst = max(((mine[n] - theirs[n]).abs().max() / theirs[n].abs().max().clamp_min(1e-12)).item() for n in mine)
     print(f"DoRA grads vs PEFT ({arch}): worst relative max diff {worst:.2e}")
     assert worst < 1e-4  # fp32 gradients through a 2-layer model, relative to each tensor's largest entry
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_lowrank_only_dropout_matches_its_fp64_formula_with_gradients(conv1d):
+    """dora_dropout_lowrank_only: y = bias + m/||W0 + s·BA|| ⊙ (W0 x + s·B A dropout(x)), the norm detached."""
+    layer = make_dora_layer(conv1d=conv1d, dropout=0.3)
+    layer.dora_dropout_lowrank_only = True
+    layer.train()
+    layer.base_layer.bias.requires_grad_(True)
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(7)
+    out = layer(x)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+
+    torch.manual_seed(7)
+    mask, q = dropout_keep_mask(x.detach().reshape(-1, 6), 0.3)
+    keep = mask.view(x.shape).double()
+    assert 0 < keep.sum() < keep.numel()  # some inputs dropped, some kept: the formula is exercised
+    xr, a, b, m, bias = [t.detach().clone().requires_grad_(True) for t in
+                         (x, layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector, layer.base_layer.bias)]
+    w0, s = dense(layer), layer.scaling
+    norm = torch.linalg.vector_norm(w0 + s * (b @ a), dim=1).detach()
+    ref = bias + (m / norm) * (xr @ w0.t() + s * ((xr * keep / (1 - q)) @ a.t()) @ b.t())
+    ref.backward(upstream)
+
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    ours = (x, layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector, layer.base_layer.bias)
+    for name, mine, leaf in zip(("x", "A", "B", "m", "bias"), ours, (xr, a, b, m, bias)):
+        torch.testing.assert_close(mine.grad, leaf.grad, rtol=0, atol=1e-11, msg=f"grad of {name}")
+    layer.eval()  # without dropout both formulas are DoRA itself
+    default = copy.deepcopy(layer)
+    default.dora_dropout_lowrank_only = False
+    torch.testing.assert_close(layer(x), default(x), rtol=0, atol=0)
+
+
+def test_lowrank_only_option_reaches_the_layers_and_is_checked():
+    model = build_tiny("llama")
+    lorafit.attach(model, lorafit.AdapterConfig(r=4, alpha=8, dropout=0.1, use_dora=True,
+                                                dora_dropout_lowrank_only=True))
+    assert {layer.dora_dropout_lowrank_only for layer in lora_layers(model).values()} == {True}
+    with pytest.raises(lorafit.ConfigError, match="dora_dropout_lowrank_only='yes'"):
+        lorafit.AdapterConfig(use_dora=True, dora_dropout_lowrank_only="yes")

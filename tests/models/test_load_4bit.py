@@ -89,7 +89,7 @@ def test_double_quant_default_and_bf16(tmp_path):
     quantized, _ = lorafit.load_model(str(folder), device="cpu", quantize="nf4", dtype=torch.bfloat16)
     layer = quantized.model.layers[0].mlp.down_proj
     assert layer.quant_state.double_quant and layer.quant_state.dtype == torch.bfloat16
-    assert layer.compute_dtype == torch.float32  # the CPU default
+    assert layer.compute_dtype == torch.float32  # the default under LORAFIT_BF16=0 (conftest)
     assert quantized.model.embed_tokens.weight.dtype == torch.bfloat16
     expected = quantize_nf4(model.model.layers[0].mlp.down_proj.weight.to(torch.bfloat16))
     assert torch.equal(layer.quant_state.packed, expected.packed) and torch.equal(layer.quant_state.absmax, expected.absmax)

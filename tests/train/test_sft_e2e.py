@@ -24,7 +24,8 @@ def test_train_writes_adapter_metrics_checkpoints_and_summary(tiny_run):
     assert result.steps == 6 and result.eval_before["total"] == 4 and result.eval_after["total"] == 4
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
+    assert all({"step", "loss", "lr", "tokens_per_s", "model_flops_per_s", "mfu"} <= set(r) for r in rows)
+    assert all(r["model_flops_per_s"] > 0 and (r["mfu"] is None or 0 < r["mfu"] < 1) for r in rows)
     assert all(r["peak_rss_mib"] > 50 for r in rows)  # torch alone holds more; each row is its step's peak
     assert 'alt="Peak memory: process RSS (MiB)"' in (out / "report.html").read_text()  # drawn as a curve
     assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]

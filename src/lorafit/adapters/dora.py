@@ -48,11 +48,14 @@ class _DoraBranch(torch.autograd.Function):
     """y = base_out - z + f ⊙ (z + s·h Bᵀ), f = m / norm, h = dropout(x) Aᵀ, z = W0 dropout(x).
 
     Without dropout z = base_out - bias, so y = bias + f ⊙ (W0 x + s·B A x). With dropout the base output keeps
-    the undropped input and only the DoRA correction sees the dropped one (PEFT's and NVlabs' forward).
+    the undropped input and only the DoRA correction sees the dropped one (PEFT's and NVlabs' forward). With
+    `lowrank_only`, dropout reaches only h and z = base_out - bias as without dropout:
+    y = bias + f ⊙ (W0 x + s·B A dropout(x)), which needs no W0·dropout(x) matmul (LoRA's cost).
     """
 
     @staticmethod
-    def forward(ctx, base_out, x, lora_a, lora_b, magnitude, norm, bias, base_layer, scaling: float, dropout_p: float):
+    def forward(ctx, base_out, x, lora_a, lora_b, magnitude, norm, bias, base_layer, scaling: float, dropout_p: float,
+                lowrank_only: bool):
         out_features, in_features = base_out.shape[-1], x.shape[-1]
         dtype = base_out.dtype
         with torch.autocast(base_out.device.type, enabled=False):
@@ -60,12 +63,13 @@ class _DoraBranch(torch.autograd.Function):
             h, keep, inv = adapter_forward(x2, lora_a, dropout_p)  # (T, r)
             factor = (magnitude / norm).to(dtype)  # (out,)
             base2 = base_out.reshape(-1, out_features)  # (T, out)
-            if keep is None:
+            dropped_z = keep is not None and not lowrank_only  # PEFT's formula with dropout: z = W0 dropout(x)
+            if not dropped_z:
                 z = base2 - bias.to(dtype) if bias is not None else base2
             else:
                 z = ((x2 * keep) @ dense_weight(base_layer).to(dtype).t()).mul_(inv)  # (T, out): W0 dropout(x)
             combined = torch.addmm(z, h, lora_b.to(dtype).t(), alpha=scaling)  # (T, out): (W0 + s·B A) x
-            if keep is None:
+            if not dropped_z:
                 out = combined.mul_(factor)
                 if bias is not None:
                     out = out.add_(bias.to(dtype))
@@ -74,7 +78,7 @@ class _DoraBranch(torch.autograd.Function):
                 out = torch.addcmul(base2 - z, combined, factor)
                 saved = combined
         ctx.save_for_backward(x, keep, h, lora_a, lora_b, magnitude, norm, bias, saved)
-        ctx.base_layer, ctx.scaling, ctx.inv = base_layer, scaling, inv
+        ctx.base_layer, ctx.scaling, ctx.inv, ctx.dropped_z = base_layer, scaling, inv, dropped_z
         return out.view(base_out.shape)
 
     @staticmethod
@@ -86,7 +90,7 @@ class _DoraBranch(torch.autograd.Function):
         gf = g * factor  # gradient reaching (W0 + s·B A) dropout(x)
         grad_x, grad_a, grad_b = adapter_backward(ctx, gf, x, keep, ctx.inv, h, lora_a, lora_b, ctx.scaling)
         grad_base = grad_bias = grad_m = None
-        if keep is None:
+        if not ctx.dropped_z:
             grad_base = gf.view(grad_out.shape)  # y depends on base_out only through f ⊙ (base_out - bias)
             if ctx.needs_input_grad[4]:
                 shifted = saved - bias.to(dtype) if bias is not None else saved
@@ -101,12 +105,15 @@ class _DoraBranch(torch.autograd.Function):
                 grad_z = (gf - g).mul_(ctx.inv) @ dense_weight(ctx.base_layer).to(dtype)  # (T, in)
                 grad_x = grad_z if grad_x is None else grad_x.add_(grad_z)
         return (grad_base, masked_input_grad(grad_x, keep, x), grad_a, grad_b, grad_m, None, grad_bias,
-                None, None, None)
+                None, None, None, None)
 
 
 def dora_branch(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                magnitude: torch.Tensor, base_layer: nn.Module, scaling: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """The DoRA layer output from the base layer's output `base_out` = base_layer(x) (bias included)."""
+                magnitude: torch.Tensor, base_layer: nn.Module, scaling: float, dropout_p: float = 0.0,
+                lowrank_only: bool = False) -> torch.Tensor:
+    """The DoRA layer output from the base layer's output `base_out` = base_layer(x) (bias included); with
+    `lowrank_only`, dropout on the low-rank path only (AdapterConfig.dora_dropout_lowrank_only)."""
     norm = dora_row_norms(base_layer, lora_a, lora_b, scaling)
     bias = getattr(base_layer, "bias", None)
-    return _DoraBranch.apply(base_out, x, lora_a, lora_b, magnitude, norm, bias, base_layer, scaling, dropout_p)
+    return _DoraBranch.apply(base_out, x, lora_a, lora_b, magnitude, norm, bias, base_layer, scaling, dropout_p,
+                             lowrank_only)

@@ -69,7 +69,7 @@ class LoraLinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, scaling: float, dropout: float,
-                 use_dora: bool = False) -> None:
+                 use_dora: bool = False, dora_dropout_lowrank_only: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
         self.in_features, self.out_features = layer_shape(base_layer)
@@ -82,6 +82,7 @@ class LoraLinear(nn.Module):
             nn.Parameter(torch.ones(self.out_features, device=weight.device, dtype=dtype)) if use_dora else None
         )
         self.r, self.alpha, self.scaling, self.dropout, self.use_dora = r, alpha, scaling, dropout, use_dora
+        self.dora_dropout_lowrank_only = dora_dropout_lowrank_only  # see AdapterConfig
         self.merged = False  # the base weight holds merged_weight(): the adapter is folded in
         self.disabled = False  # the adapter is switched off (adapters_disabled): the base layer alone computes
         self._merge_factor: torch.Tensor | None = None  # DoRA's m / norm at merge time, to unmerge exactly
@@ -112,7 +113,8 @@ class LoraLinear(nn.Module):
         p = self.dropout if self.training else 0.0
         a, b = self.lora_A.weight, self.lora_B.weight
         if self.use_dora:
-            return dora_branch(out, x, a, b, self.lora_magnitude_vector, self.base_layer, self.scaling, p)
+            return dora_branch(out, x, a, b, self.lora_magnitude_vector, self.base_layer, self.scaling, p,
+                               self.dora_dropout_lowrank_only)
         return lora_branch(out, x, a, b, self.scaling, p)
 
     def merged_weight(self) -> torch.Tensor:

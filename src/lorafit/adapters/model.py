@@ -39,7 +39,7 @@ def attach(model: nn.Module, config: AdapterConfig, *, warn_scale: bool = True) 
     for name in targets:
         r, alpha = config.rank_and_alpha(name)
         layer = LoraLinear(model.get_submodule(name), r, alpha, lora_scale(alpha, r, config.use_rslora), config.dropout,
-                           use_dora=config.use_dora)
+                           use_dora=config.use_dora, dora_dropout_lowrank_only=config.dora_dropout_lowrank_only)
         initialize(layer, config)
         _replace_module(model, name, layer)
     _set_bias_trainable(model, config.bias)

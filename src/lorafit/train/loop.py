@@ -32,6 +32,7 @@ from lorafit.models import load_model
 from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, to_dict
 from lorafit.run_dir import MetricsLog, RunDir
 from lorafit.train.checkpoint import TrainerState, newest_valid_checkpoint, restore_checkpoint, save_checkpoint
+from lorafit.train.compile import compile_blocks
 from lorafit.train.schedule import make_scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,6 +118,8 @@ def attach_adapter(model: nn.Module, config: RunConfig) -> None:
     print(parameter_report(model))
     if config.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.training.compile:
+        compile_blocks(model)
 
 
 def _adapter_init(config: RunConfig) -> str:
@@ -130,7 +133,7 @@ def _adapter_init(config: RunConfig) -> str:
 
 
 def use_bf16(t: TrainingConfig, device: torch.device) -> bool:
-    """Whether to autocast to bf16: training.bf16 true, or auto on a device where it pays (CUDA with bf16)."""
+    """Whether to autocast to bf16: training.bf16 true, or auto on a device where it pays (device.bf16_worthwhile)."""
     return t.bf16 is True or (t.bf16 == "auto" and bf16_worthwhile(device))
 
 

@@ -4,7 +4,7 @@ Memory / speed levers and their cost:
 - loss only at target positions, head CE in chunks (train/loss.py): no full-vocabulary logits; free.
 - the fused LoRA branch (adapters/lora.py): no dropout copy of inputs; free.
 - packing (data.packing): no padding compute; attention confined per example by position ids.
-- bf16 autocast (training.bf16, auto = CUDA only): faster on GPUs, half-size activations; slow on CPUs without bf16.
+- bf16 autocast (training.bf16, auto = where bf16 is fast: CUDA, CPUs with AVX-512 BF16/AMX); slow on CPUs without.
 - gradient checkpointing (training.gradient_checkpointing): recomputes each block; ~30% slower, far less memory.
 """
 
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from lorafit.data import Example
 from lorafit.evaluation.generate import generate_responses
 from lorafit.evaluation.metrics import score
+from lorafit.flops import step_throughput
 from lorafit.run_config import EvaluationConfig, RunConfig
 from lorafit.train import loop
 from lorafit.train.batches import (
@@ -75,6 +76,7 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
             speed = tokens / (time.perf_counter() - step_start)
             row = {"step": progress.step, "epoch": round(progress.step / per_epoch, 4), "loss": loss, "lr": lr,
                    "grad_norm": grad_norm, "tokens_per_s": round(speed, 1), "tokens_seen": progress.tokens_seen}
+            row |= step_throughput(model, [tuple(b.tensors["input_ids"].shape) for b in batches], tokens / speed, device)
             if eval_batches and config.evaluation.every and (progress.step % config.evaluation.every == 0
                                                              or progress.step == state.total_steps):
                 row["eval_loss"] = eval_loss(model, eval_batches, device, use_bf16)
