@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import SMOLLM2_TEMPLATE, tiny_chat_tokenizer
+from tiny_models import tiny_chat_tokenizer
 
 from lorafit.export.ollama import CHATML_GO_TEMPLATE, chatml, chatml_default_system, modelfile_text, write_modelfile
 
