@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -23,6 +23,7 @@ from lorafit.adapters.lora import LoraLinear
 from lorafit.config import LorafitWarning
 from lorafit.device import default_compute_dtype, default_device
 from lorafit.fileio import atomic_directory
+from lorafit.models.tensor_stream import SafetensorsStream
 from lorafit.models.zoo import KNOWN_MODELS, fetch_gguf, model_cache_dir
 from lorafit.quant import Linear4bit, QuantizationError, check_scheme, quantize_nf4
 
@@ -226,11 +227,12 @@ def _load_nf4_streamed(source: str, shards: dict[str, Path], dtype: torch.dtype,
         warnings.warn(f"{source!r}: the safetensors keys are not the model's own (no {missing[0]}); loading the whole "
                       "model through transformers, then quantising it.", LorafitWarning, stacklevel=3)
         return None
-    with ExitStack() as stack:
-        handles = {path: stack.enter_context(safe_open(path, framework="pt")) for path in set(shards.values())}
+    with SafetensorsStream(shards.values()) as stream, _progress(stream, [*quantized, *rest], source) as bar:
 
         def read(key: str) -> torch.Tensor:
-            return handles[shards[key]].get_tensor(key)
+            tensor = stream.read(key)
+            bar.update(stream.nbytes(key))
+            return tensor
 
         for name in linears:
             bias = read(f"{name}.bias") if model.get_submodule(name).bias is not None else None
@@ -244,6 +246,13 @@ def _load_nf4_streamed(source: str, shards: dict[str, Path], dtype: torch.dtype,
     if still_meta:
         raise ModelLoadError(f"{source!r}: {', '.join(still_meta[:5])} could not be loaded from the checkpoint.")
     return model
+
+
+def _progress(stream: SafetensorsStream, keys: list[str], source: str) -> tqdm:
+    """A progress bar over the bytes of `keys` that the checkpoint holds, showing MB/s."""
+    total = sum(stream.nbytes(key) for key in keys if key in stream.keys())
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"loading {Path(source).name} in NF4",
+                leave=False, mininterval=1.0)
 
 
 def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
