@@ -17,6 +17,7 @@ from lorafit.config import AdapterConfig, ConfigError
 from lorafit.evaluation.metrics import METRICS
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")  # built by train/optimizers.py
 METHODS = ("sft", "grpo")
 METHOD_SECTIONS = {"grpo": ("rewards", "grpo")}  # sections that only the named method reads
 QUANTIZE = (None, "nf4")
@@ -42,6 +43,7 @@ class TrainingConfig:
     batch_size: int = 16
     micro_batch_size: int | None = None  # rows per forward pass; defaults to batch_size (no accumulation)
     lr: float = 2e-4
+    optimizer: str = "adamw"  # adamw_8bit / paged_adamw_8bit (CUDA only): bitsandbytes, the [bnb] extra
     schedule: str = "cosine"
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -187,6 +189,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"training.micro_batch_size={micro} must divide training.batch_size={t.batch_size}.")
     if t.schedule not in SCHEDULES:
         raise ConfigError(f"training.schedule={t.schedule!r}: use one of {', '.join(SCHEDULES)}.")
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"training.optimizer={t.optimizer!r}: use one of {', '.join(OPTIMIZERS)}.")
     if t.bf16 not in (True, False, "auto"):
         raise ConfigError(f"training.bf16={t.bf16!r}: use true, false or auto.")
     if t.max_steps is None and not t.epochs > 0:

@@ -194,7 +194,8 @@ def test_optimizer_state_matches_the_optimizers(numel):
         return sum(v.nbytes for k, v in optimizer.state[param].items() if torch.is_tensor(v) and v.dim() and k not in shared)
 
     assert optimizer_state_bytes("adamw", numel) == state_bytes(torch.optim.AdamW)
-    assert optimizer_state_bytes("adamw-8bit", numel) == state_bytes(bnb.optim.AdamW8bit)
+    assert optimizer_state_bytes("adamw_8bit", numel) == state_bytes(bnb.optim.AdamW8bit)
+    assert optimizer_state_bytes("paged_adamw_8bit", numel) == optimizer_state_bytes("adamw_8bit", numel)  # CPU: not paged
     assert optimizer_state_bytes("sgd", numel) == 0
 
 
@@ -427,4 +428,4 @@ def test_full_finetuning_cannot_fit_60gb_with_fp32_adamw_states():
     fp32_states = estimate_memory(LLAMA_3_8B, "full", precision="bf16", optimizer="adamw")
     assert fp32_states.optimizer == 8 * params and fp32_states.optimizer > 60 * GB
     figure = next(f for f in quoted_8b_figures() if f.label == "full fine-tuning")
-    assert figure.settings["optimizer"] == "adamw-8bit" and "64 GB" in figure.note
+    assert figure.settings["optimizer"] == "adamw_8bit" and "64 GB" in figure.note

@@ -39,7 +39,8 @@ from lorafit.device import CHUNK_ROWS
 GB = 1e9
 METHODS = ("lora", "qlora", "full")
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")  # training.optimizer's names, and sgd
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")  # paged: the same bytes, in CUDA unified memory
 FP32 = 4
 NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # bitsandbytes defaults: 64 weights per absmax, 256 absmax per fp32 scale
 NF4_CONSTANTS = 16 * FP32 + 256 * FP32 + FP32  # per layer: NF4 code book, 8-bit code of the absmax, their offset
@@ -174,10 +175,11 @@ def nf4_bytes(numel: int) -> int:
 
 
 def optimizer_state_bytes(optimizer: str, numel: int) -> int:
-    """State of one trained tensor: AdamW two fp32 moments; 8-bit AdamW two uint8 moments plus blockwise fp32 absmax."""
+    """State of one trained tensor: AdamW two fp32 moments; 8-bit AdamW (paged or not) two uint8 moments plus one
+    fp32 absmax per 256 values each (tensors under 4096 elements keep fp32 moments, as bitsandbytes does)."""
     if optimizer == "sgd":
         return 0
-    if optimizer == "adamw-8bit" and numel >= BNB_MIN_8BIT_SIZE:
+    if optimizer in EIGHT_BIT_OPTIMIZERS and numel >= BNB_MIN_8BIT_SIZE:
         return 2 * (numel + FP32 * math.ceil(numel / BNB_8BIT_BLOCK))
     return 2 * FP32 * numel
 
@@ -356,12 +358,12 @@ QUOTED_8B = (
       "grad_checkpointing": True},
      "bf16 base 16.1 GB + fp32 adapters, gradients and AdamW 0.7 GB; small activations with checkpointing"),
     ("QLoRA (NF4)", 6.0,
-     {"method": "qlora", "r": 16, "batch": 1, "seq": 256, "precision": "bf16", "optimizer": "adamw-8bit",
+     {"method": "qlora", "r": 16, "batch": 1, "seq": 256, "precision": "bf16", "optimizer": "adamw_8bit",
       "grad_checkpointing": True},
      ("NF4 blocks 3.6 GB + bf16 embeddings and head 2.1 GB: already 5.7 GB, so only short sequences, "
       "checkpointing and 8-bit AdamW stay near 6 GB")),
     ("full fine-tuning", 60.0,
-     {"method": "full", "batch": 1, "seq": 1024, "precision": "bf16", "optimizer": "adamw-8bit",
+     {"method": "full", "batch": 1, "seq": 1024, "precision": "bf16", "optimizer": "adamw_8bit",
       "grad_checkpointing": False},
      ("holds only with 8-bit AdamW (2 B/param): fp32 AdamW moments alone are 8 B x 8.03e9 = 64 GB, and "
       "pure-bf16 AdamW (2 B weights + 2 B gradients + 4 B moments) is 64 GB too, both above 60 GB")),

@@ -30,6 +30,7 @@ from lorafit.models import block_linear_names, load_model, quantize_block_linear
 from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, to_dict
 from lorafit.run_dir import MetricsLog, RunDir
 from lorafit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from lorafit.train.optimizers import make_optimizer
 from lorafit.train.schedule import make_scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,7 +136,7 @@ def use_bf16(t: TrainingConfig, device: torch.device) -> bool:
 
 @dataclass
 class Optimisation:
-    """AdamW over the trainable parameters and its learning-rate schedule."""
+    """The optimiser (training.optimizer) over the trainable parameters and its learning-rate schedule."""
 
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -152,7 +153,7 @@ class Optimisation:
 
 
 def start_training(state: RunState, total_steps: int, updates_per_step: int = 1) -> None:
-    """AdamW and its schedule over total_steps x updates_per_step optimiser steps; restore the newest checkpoint when
+    """The optimiser and its schedule over total_steps x updates_per_step optimiser steps; restore the newest checkpoint when
     resuming (metrics past it are dropped), else start a fresh metrics log; the live loss-curve monitor for methods
     whose loss is a learning curve; a fresh peak-memory window for the first step."""
     config = state.config
@@ -172,9 +173,9 @@ def start_training(state: RunState, total_steps: int, updates_per_step: int = 1)
 
 
 def make_optimisation(model: nn.Module, t: TrainingConfig, total_updates: int) -> Optimisation:
-    """AdamW (lr, weight decay from `t`) and a warmup + decay schedule over `total_updates` optimiser steps."""
+    """t.optimizer (lr, weight decay from `t`) and a warmup + decay schedule over `total_updates` optimiser steps."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(t.optimizer, params, t.lr, t.weight_decay, params[0].device)
     return Optimisation(params, optimizer, make_scheduler(optimizer, total_updates, t.warmup_steps, t.schedule))
 
 
