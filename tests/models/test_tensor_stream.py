@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import lorafit
 from lorafit.diagnose.memory import measure_peak_bytes, nf4_bytes
 from lorafit.models import load as load_module
+from lorafit.models import tensor_stream
 from lorafit.models.tensor_stream import SafetensorsStream, TensorStreamError
 from lorafit.quant import Linear4bit, quantize_nf4
 from tiny_models import tiny_chat_tokenizer
@@ -47,6 +48,20 @@ def test_reader_returns_what_safetensors_wrote(tmp_path):
             assert torch.equal(got, value), key
             assert stream.nbytes(key) == value.numel() * value.element_size()
         assert stream.bytes_read == sum(v.numel() * v.element_size() for v in expected.values())
+
+
+def test_read_as_another_dtype_converts_chunk_by_chunk(tmp_path, monkeypatch):
+    """bf16 read as fp32 equals safetensors' tensor .float(); the allocator peak is the fp32 result plus one
+    chunk (here 1000 bytes of a 20 kB tensor), not the whole bf16 tensor beside it. Integers are never cast."""
+    monkeypatch.setattr(tensor_stream, "READ_CHUNK_BYTES", 1000)
+    weight = torch.randn(100, 101, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)  # 10100 values
+    save_file({"w": weight, "ids": torch.arange(7)}, tmp_path / "w.safetensors")
+    with SafetensorsStream([tmp_path / "w.safetensors"]) as stream:
+        got, peak = measure_peak_bytes(lambda: stream.read("w", torch.float32))
+        assert got.dtype == torch.float32 and torch.equal(got, load_file(tmp_path / "w.safetensors")["w"].float())
+        assert peak <= got.numel() * 4 + 1000 + 1024  # + the profiler's own small allocations
+        assert stream.read("ids", torch.float32).dtype == torch.int64
+        assert stream.bytes_read == weight.numel() * 2 + 7 * 8
 
 
 def test_truncated_and_foreign_files_are_named(tmp_path):
@@ -128,5 +143,5 @@ class _MappedStream(SafetensorsStream):
         super().__init__(files)
         self._handles = {path: safe_open(path, framework="pt") for path in {p for p, *_ in self._entries.values()}}
 
-    def read(self, key):
+    def read(self, key, dtype=None):
         return self._handles[self._entries[key][0]].get_tensor(key)

@@ -230,7 +230,7 @@ def _load_nf4_streamed(source: str, shards: dict[str, Path], dtype: torch.dtype,
     with SafetensorsStream(shards.values()) as stream, _progress(stream, [*quantized, *rest], source) as bar:
 
         def read(key: str) -> torch.Tensor:
-            tensor = stream.read(key)
+            tensor = stream.read(key, dtype)  # floats converted to the model dtype as they are read
             bar.update(stream.nbytes(key))
             return tensor
 
@@ -263,12 +263,12 @@ def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 def _assign(model: nn.Module, key: str, value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
     """Put a checkpoint tensor in place of the meta parameter or buffer `key` (floats cast to `dtype`).
 
-    Always a copy: safetensors hands out views of its memory map, which would keep the whole file
-    mapped (and its pages resident) for as long as the model lives.
+    `value` is the stream's own buffer (never a view of a memory map), so it is used as is when it is already
+    in place: no second copy of an embedding.
     """
     owner_name, _, leaf = key.rpartition(".")
     owner = model.get_submodule(owner_name)
-    value = value.to(device, dtype if value.is_floating_point() else None, copy=True)
+    value = value.to(device, dtype if value.is_floating_point() else None)
     if leaf in owner._parameters:
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=owner._parameters[leaf].requires_grad)
     else:

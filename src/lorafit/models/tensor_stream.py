@@ -26,6 +26,9 @@ DTYPES = {
 }
 
 
+READ_CHUNK_BYTES = 16 * 2**20  # bytes read at a time when a tensor is converted to another dtype as it is read
+
+
 class TensorStreamError(ValueError):
     """A safetensors file is malformed or holds a dtype this reader does not know; the message names the file."""
 
@@ -73,16 +76,28 @@ class SafetensorsStream:
         """Size on disk of tensor `key`."""
         return self._entries[key][4]
 
-    def read(self, key: str) -> torch.Tensor:
-        """Tensor `key` in a buffer of its own (the only copy in this process)."""
-        path, offset, dtype, shape, nbytes = self._entries[key]
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor `key` in a buffer of its own (the only copy in this process). A floating-point tensor read with
+        another floating `dtype` is converted READ_CHUNK_BYTES at a time into the result, so a bf16 tensor read as
+        fp32 never needs its bf16 copy whole beside the fp32 one."""
+        path, offset, stored, shape, nbytes = self._entries[key]
+        convert = dtype is not None and dtype != stored and stored.is_floating_point and dtype.is_floating_point
+        out = torch.empty(shape, dtype=dtype if convert else stored)
+        flat = out.view(-1)
+        per_chunk = max(1, READ_CHUNK_BYTES // stored.itemsize if convert else flat.numel())
+        buffer = flat.view(torch.uint8) if not convert else torch.empty(min(per_chunk, flat.numel()) * stored.itemsize,
+                                                                         dtype=torch.uint8)
         handle = self._files[path]
         handle.seek(offset)
-        if nbytes and handle.readinto(memoryview(buffer.numpy())) != nbytes:
-            raise TensorStreamError(f"{path} is truncated: tensor {key} needs {nbytes} bytes at offset {offset}.")
+        for start in range(0, flat.numel(), per_chunk):
+            count = min(per_chunk, flat.numel() - start)
+            chunk = buffer[:count * stored.itemsize]
+            if handle.readinto(memoryview(chunk.numpy())) != chunk.numel():
+                raise TensorStreamError(f"{path} is truncated: tensor {key} needs {nbytes} bytes at offset {offset}.")
+            if convert:
+                flat[start:start + count] = chunk.view(stored)
         self.bytes_read += nbytes
-        return buffer.view(dtype).reshape(shape)
+        return out
 
     def close(self) -> None:
         for handle in self._files.values():
