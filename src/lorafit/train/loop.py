@@ -22,7 +22,13 @@ from tqdm.auto import tqdm
 
 from lorafit.adapters.io import load_adapter, read_adapter_config, save_adapter
 from lorafit.adapters.model import attach, parameter_report
-from lorafit.device import bf16_worthwhile, default_compute_dtype, peak_memory_mib, reset_peak_memory
+from lorafit.device import (
+    bf16_worthwhile,
+    default_compute_dtype,
+    peak_memory_mib,
+    reset_peak_memory,
+    return_freed_host_memory,
+)
 from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, has_learning_curve
 from lorafit.finish import finish_run
@@ -84,7 +90,9 @@ class RunState:
 
 
 def begin_run(config: RunConfig, resume: bool = False) -> RunState:
-    """Print the config checks, create the run folder, record the resolved config there and seed torch."""
+    """Print the config checks, create the run folder, record the resolved config there and seed torch; large
+    freed host buffers go back to the OS at once (device.return_freed_host_memory), so RSS tracks what is used."""
+    return_freed_host_memory()
     print(format_checks(check_run_config(config)))
     folder = RunDir(config.output_dir)
     folder.write_config(to_dict(config))
