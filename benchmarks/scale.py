@@ -29,6 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from lorafit.fileio import write_text_atomic  # noqa: E402
 from common import (  # noqa: E402
     GB,
     RESULTS_DIR,
@@ -193,13 +194,27 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"model": args.model, "settings": {"r": R, "alpha": ALPHA, "seq": SEQ, "steps": STEPS,
                                                                  "quantize": "nf4+double", "grad_checkpointing": True},
                                "machine": machine_info(__import__("torch").device("cpu"))}
+    out = RESULTS_DIR / f"scale_{name}.json"
+    results["estimate"] = {opt: estimate(args.model, opt) for opt in args.optimizers}
     results["baseline"] = worker("baseline")
     results["load"] = worker("load")
+    results["train"] = {}
     optimizers = [] if args.load_only else args.optimizers
-    results["train"] = {opt: {**worker("train", opt), "estimate": estimate(args.model, opt)} for opt in optimizers}
-    results["estimate"] = {opt: estimate(args.model, opt) for opt in args.optimizers}
-    if args.peft:
-        results["peft"] = worker("peft")
+    # the first optimizer, then PEFT, then the others: on a busy machine the comparison comes first.
+    # Results are saved after every worker, so a run stopped midway keeps what it measured.
+    for phase, optimizer in [*[("train", o) for o in optimizers[:1]], *([("peft", "-")] if args.peft else []),
+                             *[("train", o) for o in optimizers[1:]]]:
+        save_results(results, out)
+        if phase == "peft":
+            results["peft"] = worker("peft")
+        else:
+            results["train"][optimizer] = {**worker("train", optimizer), "estimate": results["estimate"][optimizer]}
+    finish(results, out)
+    return 0
+
+
+def finish(results: dict[str, Any], out: Path) -> None:
+    """The table (markdown, beside the JSON) and the final JSON."""
     base = results["baseline"]["rss"]
     load = results["load"]
     rows = [["lorafit load", gb(load["peak"]), gb(load["after"]), f"{load['peak'] / load['after']:.2f}x of after",
@@ -213,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         run.update(train_peak=peak, estimate_ratio=ratio)
         rows.append([f"lorafit train {opt}", gb(peak), gb(peak - base), f"estimate {gb(run['estimate'])} (x{ratio:.2f})",
                      f"{run['s_per_step']:.1f} s/step", f"loss {run['loss'][0]:.3f}", ""])
-    if args.peft:
+    if "peft" in results:
         p = results["peft"]
         rows.append(["PEFT+bnb load", gb(p.get("load_peak")), gb(p.get("load_after")), "", "", "", p.get("error", "")])
         rows.append(["PEFT+bnb train", gb(p.get("train_peak")), gb(p.get("train_peak", base) - base), "",
@@ -221,11 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     for opt, total in results["estimate"].items():
         rows.append([f"estimate-memory {opt}", "", gb(total), "step bytes (compare: train minus baseline)", "", "", ""])
     table = markdown_table(["phase", "peak RSS GB", "minus baseline / after GB", "vs", "time", "", "error"], rows)
-    text = (f"# QLoRA at scale: {args.model}\n\nbaseline process (import lorafit): {gb(base)} GB RSS\n\n{table}\n")
+    text = (f"# QLoRA at scale: {results['model']}\n\nbaseline process (import lorafit): {gb(base)} GB RSS\n\n{table}\n")
     print(text)
-    save_results(results, RESULTS_DIR / f"scale_{name}.json")
-    (RESULTS_DIR / f"scale_{name}.md").write_text(text)
-    return 0
+    save_results(results, out)
+    write_text_atomic(out.with_suffix(".md"), text)
 
 
 if __name__ == "__main__":

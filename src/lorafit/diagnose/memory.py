@@ -11,6 +11,14 @@ and, with checkpointing, the one rebuilt block are never alive with the head's l
 the allocator's measured peak by 1-6% (benchmarks/memory_estimate.py). Not modelled: QLoRA's one weight
 dequantised at a time in the backward pass (117 MB for a Llama-3-8B MLP weight), the optimizer step's temporaries.
 Numbers are bytes; the text table prints GB (1e9 bytes).
+
+Against a CPU run's RSS (issue 15): the estimate is the step's bytes, so compare it with the training peak minus
+what the process holds before any model (`import lorafit`: ~0.35 GB of torch + transformers). At Llama-3.2-1B
+shape a `lorafit train` process once peaked 4.06 GB above that vs 2.09 GB estimated, for two reasons outside this model,
+both fixed where they arose rather than here: the NF4 load read the checkpoint through safetensors' memory map, whose
+pages (2.47 GB of bf16) stayed in RSS for the whole load (models/tensor_stream.py now reads each tensor into a
+buffer of its own), and glibc kept freed activation buffers in its heap, ~0.25 GB above the allocator's peak
+(device.return_freed_host_memory). Measured numbers: benchmarks/results/scale_*.md.
 """
 
 from __future__ import annotations
