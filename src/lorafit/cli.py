@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--seq", type=int, default=512)
     memory.add_argument("--grad-checkpointing", action="store_true")
     memory.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    memory.add_argument("--optimizer", choices=("adamw", "adamw-8bit", "sgd"), default="adamw")
+    memory.add_argument("--optimizer", choices=("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"), default="adamw")
     memory.add_argument("--gpus", type=int, default=1, help="processes (GPUs) the run uses; the estimate is per process")
     memory.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="ddp replicates, fsdp shards N ways")
     memory.set_defaults(handler=_estimate_memory)

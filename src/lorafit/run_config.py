@@ -19,6 +19,7 @@ from lorafit.quant import QUANT_SCHEMES
 
 SCHEDULES = ("cosine", "linear", "constant")
 METRICS = tuple(METRIC_FUNCTIONS)
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")  # built by train/optimizers.py
 METHODS = ("sft", "grpo", "dpo")
 METHOD_SECTIONS = {"grpo": ("rewards", "grpo"), "dpo": ("dpo",)}  # sections that only the named method reads
 DPO_LOSSES = ("sigmoid", "ipo")
@@ -45,6 +46,7 @@ class TrainingConfig:
     batch_size: int = 16
     micro_batch_size: int | None = None  # rows per forward pass; defaults to batch_size (no accumulation)
     lr: float = 2e-4
+    optimizer: str = "adamw"  # adamw_8bit / paged_adamw_8bit (CUDA only): bitsandbytes, the [bnb] extra
     schedule: str = "cosine"
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -221,6 +223,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"training.schedule={t.schedule!r}: use one of {', '.join(SCHEDULES)}.")
     if not isinstance(t.compile, bool):
         raise ConfigError(f"training.compile={t.compile!r}: use true or false.")
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"training.optimizer={t.optimizer!r}: use one of {', '.join(OPTIMIZERS)}.")
     if t.bf16 not in (True, False, "auto"):
         raise ConfigError(f"training.bf16={t.bf16!r}: use true, false or auto.")
     if t.max_steps is None and not t.epochs > 0:

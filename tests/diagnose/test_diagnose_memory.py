@@ -193,7 +193,8 @@ def test_optimizer_state_matches_the_optimizers(numel):
         return sum(v.nbytes for k, v in optimizer.state[param].items() if torch.is_tensor(v) and v.dim() and k not in shared)
 
     assert optimizer_state_bytes("adamw", numel) == state_bytes(torch.optim.AdamW)
-    assert optimizer_state_bytes("adamw-8bit", numel) == state_bytes(bnb.optim.AdamW8bit)
+    assert optimizer_state_bytes("adamw_8bit", numel) == state_bytes(bnb.optim.AdamW8bit)
+    assert optimizer_state_bytes("paged_adamw_8bit", numel) == optimizer_state_bytes("adamw_8bit", numel)  # CPU: not paged
     assert optimizer_state_bytes("sgd", numel) == 0
 
 
@@ -430,12 +431,12 @@ QUOTED_8B = (
       "grad_checkpointing": True},
      "bf16 base 16.1 GB + fp32 adapters, gradients and AdamW 0.7 GB; small activations with checkpointing"),
     ("QLoRA (NF4)", 6.0,
-     {"method": "qlora", "r": 16, "batch": 1, "seq": 256, "precision": "bf16", "optimizer": "adamw-8bit",
+     {"method": "qlora", "r": 16, "batch": 1, "seq": 256, "precision": "bf16", "optimizer": "adamw_8bit",
       "grad_checkpointing": True},
      ("NF4 blocks 3.6 GB + bf16 embeddings and head 2.1 GB: already 5.7 GB, so only short sequences, "
       "checkpointing and 8-bit AdamW stay near 6 GB")),
     ("full fine-tuning", 60.0,
-     {"method": "full", "batch": 1, "seq": 1024, "precision": "bf16", "optimizer": "adamw-8bit",
+     {"method": "full", "batch": 1, "seq": 1024, "precision": "bf16", "optimizer": "adamw_8bit",
       "grad_checkpointing": False},
      ("holds only with 8-bit AdamW (2 B/param): fp32 AdamW moments alone are 8 B x 8.03e9 = 64 GB, and "
       "pure-bf16 AdamW (2 B weights + 2 B gradients + 4 B moments) is 64 GB too, both above 60 GB")),
@@ -479,4 +480,4 @@ def test_full_finetuning_cannot_fit_60gb_with_fp32_adamw_states():
     fp32_states = estimate_memory(LLAMA_3_8B, "full", precision="bf16", optimizer="adamw")
     assert fp32_states.optimizer == 8 * params and fp32_states.optimizer > 60 * GB
     figure = next(f for f in quoted_8b_figures() if f.label == "full fine-tuning")
-    assert figure.settings["optimizer"] == "adamw-8bit" and "64 GB" in figure.note
+    assert figure.settings["optimizer"] == "adamw_8bit" and "64 GB" in figure.note

@@ -38,8 +38,9 @@ def test_train_writes_adapter_metrics_checkpoints_and_summary(tiny_run):
     assert any(layer.lora_B.weight.abs().sum() > 0 for layer in lorafit.adapters.model.lora_layers(adapted).values())
 
 
-@pytest.mark.parametrize("variant", [[], ["adapter.use_dora=true", "adapter.init=pissa_niter_2"]],
-                         ids=["lora", "dora-pissa"])
+@pytest.mark.parametrize("variant", [[], ["adapter.use_dora=true", "adapter.init=pissa_niter_2"],
+                                     ["training.optimizer=adamw_8bit", "adapter.r=128"]],
+                         ids=["lora", "dora-pissa", "adamw_8bit"])  # r 128: A and most B reach bnb's 4096-element 8-bit floor
 def test_resume_reproduces_the_uninterrupted_losses(tiny_run, monkeypatch, variant):
     full = tiny_run / f"out_a{len(variant)}"
     run(tiny_run, f"output_dir={full}", *variant)

@@ -11,6 +11,14 @@ and, with checkpointing, the one rebuilt block are never alive with the head's l
 the allocator's measured peak by 1-6% (benchmarks/memory_estimate.py). Not modelled: QLoRA's one weight
 dequantised at a time in the backward pass (117 MB for a Llama-3-8B MLP weight), the optimizer step's temporaries.
 Numbers are bytes; the text table prints GB (1e9 bytes).
+
+Against a CPU run's RSS (issue 15): the estimate is the step's bytes, so compare it with the training peak minus
+what the process holds before any model (`import lorafit`: ~0.35 GB of torch + transformers). At Llama-3.2-1B
+shape a `lorafit train` process once peaked 4.06 GB above that vs 2.09 GB estimated, for two reasons outside this model,
+both fixed where they arose rather than here: the NF4 load read the checkpoint through safetensors' memory map, whose
+pages (2.47 GB of bf16) stayed in RSS for the whole load (models/tensor_stream.py now reads each tensor into a
+buffer of its own), and glibc kept freed activation buffers in its heap, ~0.25 GB above the allocator's peak
+(device.return_freed_host_memory). Measured numbers: benchmarks/results/scale_*.md.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from lorafit.device import CHUNK_ROWS
 GB = 1e9
 METHODS = ("lora", "qlora", "full")
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")  # training.optimizer's names, and sgd
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")  # paged: the same bytes, in CUDA unified memory
 FP32 = 4
 NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # bitsandbytes defaults: 64 weights per absmax, 256 absmax per fp32 scale
 NF4_CONSTANTS = 16 * FP32 + 256 * FP32 + FP32  # per layer: NF4 code book, 8-bit code of the absmax, their offset
@@ -201,10 +210,11 @@ def nf4_bytes(numel: int) -> int:
 
 
 def optimizer_state_bytes(optimizer: str, numel: int) -> int:
-    """State of one trained tensor: AdamW two fp32 moments; 8-bit AdamW two uint8 moments plus blockwise fp32 absmax."""
+    """State of one trained tensor: AdamW two fp32 moments; 8-bit AdamW (paged or not) two uint8 moments plus one
+    fp32 absmax per 256 values each (tensors under 4096 elements keep fp32 moments, as bitsandbytes does)."""
     if optimizer == "sgd":
         return 0
-    if optimizer == "adamw-8bit" and numel >= BNB_MIN_8BIT_SIZE:
+    if optimizer in EIGHT_BIT_OPTIMIZERS and numel >= BNB_MIN_8BIT_SIZE:
         return 2 * (numel + FP32 * math.ceil(numel / BNB_8BIT_BLOCK))
     return 2 * FP32 * numel
 

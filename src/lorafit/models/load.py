@@ -6,12 +6,12 @@ import json
 import time
 import warnings
 from collections.abc import Collection
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -24,6 +24,7 @@ from lorafit.config import LorafitWarning
 from lorafit.device import default_compute_dtype, default_device
 from lorafit.errors import UserError
 from lorafit.fileio import atomic_directory
+from lorafit.models.tensor_stream import SafetensorsStream
 from lorafit.models.zoo import KNOWN_MODELS, fetch_gguf, model_cache_dir
 from lorafit.quant import QUANT_SCHEMES, Linear4bit, QuantizationError, check_scheme, quantize_nf4
 
@@ -230,11 +231,12 @@ def _load_nf4_streamed(source: str, shards: dict[str, Path], dtype: torch.dtype,
         warnings.warn(f"{source!r}: the safetensors keys are not the model's own (no {missing[0]}); loading the whole "
                       "model through transformers, then quantising it.", LorafitWarning, stacklevel=3)
         return None
-    with ExitStack() as stack:
-        handles = {path: stack.enter_context(safe_open(path, framework="pt")) for path in set(shards.values())}
+    with SafetensorsStream(shards.values()) as stream, _progress(stream, [*quantized, *rest], source) as bar:
 
         def read(key: str) -> torch.Tensor:
-            return handles[shards[key]].get_tensor(key)
+            tensor = stream.read(key, dtype)  # floats converted to the model dtype as they are read
+            bar.update(stream.nbytes(key))
+            return tensor
 
         for name in linears:
             bias = read(f"{name}.bias") if model.get_submodule(name).bias is not None else None
@@ -250,6 +252,13 @@ def _load_nf4_streamed(source: str, shards: dict[str, Path], dtype: torch.dtype,
     return model
 
 
+def _progress(stream: SafetensorsStream, keys: list[str], source: str) -> tqdm:
+    """A progress bar over the bytes of `keys` that the checkpoint holds, showing MB/s."""
+    total = sum(stream.nbytes(key) for key in keys if key in stream.keys())
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"loading {Path(source).name} in NF4",
+                leave=False, mininterval=1.0)
+
+
 def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(name, buf) for name, buf in model.named_buffers() if name.rpartition(".")[2] not in
             model.get_submodule(name.rpartition(".")[0])._non_persistent_buffers_set]
@@ -258,12 +267,12 @@ def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 def _assign(model: nn.Module, key: str, value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
     """Put a checkpoint tensor in place of the meta parameter or buffer `key` (floats cast to `dtype`).
 
-    Always a copy: safetensors hands out views of its memory map, which would keep the whole file
-    mapped (and its pages resident) for as long as the model lives.
+    `value` is the stream's own buffer (never a view of a memory map), so it is used as is when it is already
+    in place: no second copy of an embedding.
     """
     owner_name, _, leaf = key.rpartition(".")
     owner = model.get_submodule(owner_name)
-    value = value.to(device, dtype if value.is_floating_point() else None, copy=True)
+    value = value.to(device, dtype if value.is_floating_point() else None)
     if leaf in owner._parameters:
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=owner._parameters[leaf].requires_grad)
     else:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from lorafit.adapters.io import read_adapter_config, save_adapter
 from lorafit.adapters.model import parameter_report
 from lorafit.adapters.prepare import prepare_model, quantize_at_load
-from lorafit.device import bf16_worthwhile, peak_memory_mib, reset_peak_memory
+from lorafit.device import bf16_worthwhile, peak_memory_mib, reset_peak_memory, return_freed_host_memory
 from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, has_learning_curve
 from lorafit.errors import UserError
@@ -33,6 +33,7 @@ from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, 
 from lorafit.run_dir import MetricsLog, RunDir
 from lorafit.train.checkpoint import TrainerState, newest_valid_checkpoint, restore_checkpoint, save_checkpoint
 from lorafit.train.compile import compile_blocks
+from lorafit.train.optimizers import make_optimizer
 from lorafit.train.schedule import make_scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,7 +88,9 @@ class RunState:
 
 
 def begin_run(config: RunConfig, resume: bool = False, trust_checkpoint: bool = False) -> RunState:
-    """Print the config checks, create the run folder, record the resolved config there and seed torch."""
+    """Print the config checks, create the run folder, record the resolved config there and seed torch; large
+    freed host buffers go back to the OS at once (device.return_freed_host_memory), so RSS tracks what is used."""
+    return_freed_host_memory()
     print(format_checks(check_run_config(config)))
     folder = RunDir(config.output_dir)
     folder.write_config(to_dict(config))
@@ -139,7 +142,7 @@ def use_bf16(t: TrainingConfig, device: torch.device) -> bool:
 
 @dataclass
 class Optimisation:
-    """AdamW over the trainable parameters and its learning-rate schedule."""
+    """The optimiser (training.optimizer) over the trainable parameters and its learning-rate schedule."""
 
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -156,7 +159,7 @@ class Optimisation:
 
 
 def start_training(state: RunState, total_steps: int, updates_per_step: int = 1) -> None:
-    """AdamW and its schedule over total_steps x updates_per_step optimiser steps; restore the newest checkpoint when
+    """The optimiser and its schedule over total_steps x updates_per_step optimiser steps; restore the newest checkpoint when
     resuming (metrics past it are dropped), else start a fresh metrics log; the live loss-curve monitor for methods
     whose loss is a learning curve; a fresh peak-memory window for the first step."""
     config = state.config
@@ -176,9 +179,9 @@ def start_training(state: RunState, total_steps: int, updates_per_step: int = 1)
 
 
 def make_optimisation(model: nn.Module, t: TrainingConfig, total_updates: int) -> Optimisation:
-    """AdamW (lr, weight decay from `t`) and a warmup + decay schedule over `total_updates` optimiser steps."""
+    """t.optimizer (lr, weight decay from `t`) and a warmup + decay schedule over `total_updates` optimiser steps."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(t.optimizer, params, t.lr, t.weight_decay, params[0].device)
     return Optimisation(params, optimizer, make_scheduler(optimizer, total_updates, t.warmup_steps, t.schedule))
 
 
