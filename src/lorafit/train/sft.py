@@ -18,6 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lorafit.data import Example
+from lorafit.evaluation.eval_sets import evaluate_sets, format_results
+from lorafit.evaluation.forgetting import forgetting_check, format_forgetting
 from lorafit.evaluation.generate import generate_responses
 from lorafit.evaluation.metrics import score
 from lorafit.run_config import EvaluationConfig, RunConfig
@@ -32,6 +34,8 @@ from lorafit.train.batches import (
 )
 from lorafit.train.loop import RunResult, TrainingDiverged
 from lorafit.train.loss import target_loss_sum
+from lorafit.train.neftune import neftune_noise
+from lorafit.train.reference import StartWeights, reference_policy, reference_start
 
 
 def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = False) -> RunResult:
@@ -48,12 +52,17 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     loop.attach_adapter(state.model, config)
     model, device = state.model, state.model.device
     use_bf16 = loop.use_bf16(t, device)
+    check_forgetting = forgetting_enabled(config.evaluation, device)
+    start = reference_start(model, config) if check_forgetting else None  # before a checkpoint moves the weights
 
     gen_eval = config.evaluation.generation and data.eval is not None
     if gen_eval and not resume:
         with state.timed("eval_before"):
             result.eval_before = generation_eval(model, state.tokenizer, eval_set.examples, config.evaluation)
         print(f"before training: {_describe(result.eval_before)}")
+    if config.evaluation.sets and not resume:
+        with state.timed("eval_sets_before"):
+            result.eval_sets_before = score_eval_sets(model, state.tokenizer, config.evaluation)
 
     micro = t.micro_batch_size or t.batch_size
     per_epoch = steps_per_epoch(len(train_set.rows), t.batch_size)
@@ -61,8 +70,8 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     progress = state.trainer
     pad = state.tokenizer.pad_token_id
     eval_batches = fixed_batches(eval_set.rows, micro, pad) if eval_set else []  # collated once, reused each eval
-    with state.timed("train"), tqdm(total=state.total_steps, initial=progress.step, desc="training", unit="step",
-                                    dynamic_ncols=True) as bar:
+    with state.timed("train"), neftune_noise(model, t.neftune_noise_alpha), tqdm(
+            total=state.total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True) as bar:
         while progress.step < state.total_steps:
             step_start = time.perf_counter()
             batches = step_micro_batches(train_set.rows, progress.step, batch_size=t.batch_size,
@@ -88,7 +97,34 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
         with state.timed("eval_after"):
             result.eval_after = generation_eval(model, state.tokenizer, eval_set.examples, config.evaluation)
         print(_side_by_side(result.eval_before, result.eval_after))
+    if config.evaluation.sets:
+        with state.timed("eval_sets_after"):
+            result.eval_sets_after = score_eval_sets(model, state.tokenizer, config.evaluation)
+        print(format_results(result.eval_sets_after, result.eval_sets_before))
+    if check_forgetting:
+        with state.timed("forgetting"):
+            result.forgetting = forgetting_check(model, state.tokenizer, reference=_reference(model, start),
+                                                 progress=True)
+        print(format_forgetting(result.forgetting))
     return loop.finish(state)
+
+
+def forgetting_enabled(evaluation: EvaluationConfig, device: torch.device) -> bool:
+    """evaluation.forgetting: true/false as written; auto runs the check on CUDA only (minutes of CPU time on a
+    CPU: see lorafit.evaluation.forgetting)."""
+    return evaluation.forgetting is True or (evaluation.forgetting == "auto" and device.type == "cuda")
+
+
+def score_eval_sets(model: Any, tokenizer: Any, evaluation: EvaluationConfig) -> dict[str, dict[str, Any]]:
+    """Every evaluation.sets entry scored by its metric (evaluation.metric where it names none)."""
+    sets = {name: (s.path, s.metric or evaluation.metric) for name, s in evaluation.sets.items()}
+    return evaluate_sets(model, tokenizer, sets, limit=evaluation.limit, max_new_tokens=evaluation.max_new_tokens,
+                         batch_size=evaluation.batch_size, progress=True)
+
+
+def _reference(model: Any, start: StartWeights | None) -> Any:
+    """The forgetting check's reference: the policy training started from (the adapter off for a fresh adapter)."""
+    return lambda: reference_policy(model, start)
 
 
 def train_step(model: Any, batches: list[MicroBatch], device: torch.device, use_bf16: bool) -> tuple[float, int]:
@@ -152,4 +188,5 @@ def _side_by_side(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["RunResult", "TrainingDiverged", "eval_loss", "generation_eval", "train", "train_step"]
+__all__ = ["RunResult", "TrainingDiverged", "eval_loss", "forgetting_enabled", "generation_eval", "score_eval_sets",
+           "train", "train_step"]
