@@ -78,7 +78,7 @@ class EvaluationConfig:
     limit: int | None = None
     batch_size: int = 64
     sets: dict = field(default_factory=dict)  # name -> EvalSetConfig, e.g. {in_distribution: a.jsonl, ...}
-    forgetting: bool | str = "auto"  # base vs adapter on general prompts after training; auto = CUDA only (CPU: minutes)
+    forgetting: bool | str = "auto"  # base vs adapter on general prompts after training; auto = on CUDA only
 
     def __post_init__(self) -> None:
         if not isinstance(self.sets, dict):
