@@ -45,6 +45,9 @@ def test_eval_sets_are_scored_before_and_after_and_written(sets_run):
         assert summary[key] == getattr(result, key)
         assert summary[key]["in_distribution"]["total"] == 4 and summary[key]["other"]["total"] == 12
         assert summary[key]["other"]["metric"] == "exact" and summary[key]["in_distribution"]["metric"] == "json"
+    # in_distribution is data.eval under the same metric: the generation eval's replies, not generated twice
+    for key, generation in (("eval_sets_before", "eval_before"), ("eval_sets_after", "eval_after")):
+        assert summary[key]["in_distribution"] == {"path": str(root / "eval.jsonl"), **summary[generation]}
     # the after figures are those of the saved adapter, scored again from disk
     base, tokenizer = lorafit.load_model(str(root / "model"))
     adapted = lorafit.load_adapter(base, out / "adapter")
