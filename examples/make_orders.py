@@ -4,7 +4,13 @@ Each row is a chat ``{"messages": [system, user, assistant]}`` where the user
 describes an order in one sentence and the assistant answers with the order as
 JSON. Output is deterministic for a given ``--seed``.
 
-    python examples/make_orders.py --seed 0 --train 400 --eval 60
+    python examples/make_orders.py --seed 0 --train 400 --eval 60 --ood 60
+
+Besides train and eval (one generator: same phrasings, items, colours, cities and
+quantities), it writes ``orders_ood.jsonl``: the same task built only from held-out
+pools (items, colours, cities and phrasings that never occur in train, quantities
+21-99 against train's 1-20). Eval measures what the adapter memorised; the OOD
+file measures whether it learned to copy values it never saw.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ NUMBER_WORDS: tuple[str, ...] = (
     "eighteen", "nineteen", "twenty",
 )
 MAX_QUANTITY = len(NUMBER_WORDS)
+TENS_WORDS: tuple[str, ...] = ("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 
 # Placeholders: {qty} {color} {items} {city}. {items} is singular when qty is 1.
 TEMPLATES: tuple[str, ...] = (
@@ -81,6 +88,53 @@ TEMPLATES: tuple[str, ...] = (
     "Put in an order of {qty} {color} {items} for {city}, thanks.",
 )
 
+# Held-out pools of the out-of-distribution file: none of these values or phrasings occurs in train or eval.
+OOD_ITEMS: dict[str, str] = {
+    "kettle": "kettles",
+    "stool": "stools",
+    "vase": "vases",
+    "blanket": "blankets",
+    "wallet": "wallets",
+    "helmet": "helmets",
+    "basket": "baskets",
+    "mirror": "mirrors",
+    "toaster": "toasters",
+    "sofa": "sofas",
+    "rug": "rugs",
+    "clock": "clocks",
+    "ladder": "ladders",
+    "apron": "aprons",
+    "puzzle": "puzzles",
+    "tent": "tents",
+    "sweater": "sweaters",
+    "bucket": "buckets",
+    "glove": "gloves",
+    "whistle": "whistles",
+}
+
+OOD_COLORS: tuple[str, ...] = (
+    "beige", "maroon", "teal", "navy", "olive", "violet", "turquoise", "ivory", "crimson", "golden",
+)
+
+OOD_CITIES: tuple[str, ...] = (
+    "Reykjavik", "Montevideo", "Hanoi", "Tbilisi", "Quito", "Dakar", "Zagreb", "Kyoto", "Perth", "Bergen",
+    "Porto", "Valparaiso", "Ljubljana", "Edinburgh", "San Diego", "Kuala Lumpur", "Tallinn", "Marrakesh",
+    "Winnipeg", "Cusco",
+)
+
+OOD_QUANTITIES = range(MAX_QUANTITY + 1, 100)  # 21-99: outside train's 1-20
+
+OOD_TEMPLATES: tuple[str, ...] = (
+    "Hi, I want {qty} {color} {items} sent to {city}.",
+    "Our {city} store is out of stock; restock {qty} {color} {items}.",
+    "Requesting {qty} {color} {items} for delivery in {city}.",
+    "Add {qty} {color} {items} to the {city} shipment.",
+    "Could you arrange {qty} {color} {items} for the team in {city}?",
+    "Need {qty} {color} {items} shipped out to {city} asap.",
+    "The {city} branch asked for {qty} {color} {items}.",
+    "Book {qty} {color} {items}, destination {city}.",
+)
+
 # (item, city) pairs that never occur in train; part of the eval split uses them.
 HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (("teapot", "Lisbon"), ("umbrella", "Cairo"))
 HELD_OUT_EVAL_FRACTION = 1 / 6
@@ -96,11 +150,12 @@ class Order:
     city: str
     template: str
     as_words: bool
+    plural: str
 
     def sentence(self) -> str:
         """Render the user message."""
-        qty = NUMBER_WORDS[self.quantity - 1] if self.as_words else str(self.quantity)
-        items = self.item if self.quantity == 1 else ITEMS[self.item]
+        qty = number_words(self.quantity) if self.as_words else str(self.quantity)
+        items = self.item if self.quantity == 1 else self.plural
         text = self.template.format(qty=qty, color=self.color, items=items, city=self.city)
         return text[0].upper() + text[1:]
 
@@ -121,14 +176,39 @@ class Order:
         }
 
 
+def number_words(quantity: int) -> str:
+    """1-99 in English words: 'seven', 'twenty', 'forty-two'."""
+    if not 1 <= quantity <= 99:
+        raise ValueError(f"quantity={quantity}: only 1-99 have words here")
+    if quantity <= MAX_QUANTITY:
+        return NUMBER_WORDS[quantity - 1]
+    tens, ones = divmod(quantity, 10)
+    return TENS_WORDS[tens - 2] + (f"-{NUMBER_WORDS[ones - 1]}" if ones else "")
+
+
 def _sample_order(rng: random.Random, item: str | None = None, city: str | None = None) -> Order:
+    item = item or rng.choice(list(ITEMS))
     return Order(
-        item=item or rng.choice(list(ITEMS)),
+        item=item,
         color=rng.choice(COLORS),
         quantity=rng.randint(1, MAX_QUANTITY),
         city=city or rng.choice(CITIES),
         template=rng.choice(TEMPLATES),
         as_words=rng.random() < 0.5,
+        plural=ITEMS[item],
+    )
+
+
+def _sample_ood_order(rng: random.Random) -> Order:
+    item = rng.choice(list(OOD_ITEMS))
+    return Order(
+        item=item,
+        color=rng.choice(OOD_COLORS),
+        quantity=rng.choice(OOD_QUANTITIES),
+        city=rng.choice(OOD_CITIES),
+        template=rng.choice(OOD_TEMPLATES),
+        as_words=rng.random() < 0.5,
+        plural=OOD_ITEMS[item],
     )
 
 
@@ -169,6 +249,24 @@ def generate(seed: int, n_train: int, n_eval: int) -> tuple[list[dict], list[dic
     return train, eval_rows
 
 
+def generate_ood(seed: int, n: int) -> list[dict]:
+    """`n` rows drawn only from the held-out pools (OOD_*), no user sentence twice.
+
+    Its own random stream (seeded from `seed`), so train and eval stay as they were.
+    """
+    rng = random.Random(f"ood-{seed}")
+    seen: set[str] = set()
+    rows: list[dict] = []
+    while len(rows) < n:
+        if len(seen) > 1000 * (n + 1):
+            raise ValueError(f"could not draw {n} unique sentences")
+        order = _sample_ood_order(rng)
+        if order.sentence() not in seen:
+            seen.add(order.sentence())
+            rows.append(order.row())
+    return rows
+
+
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     """Write rows as JSON lines via a temp file in the same folder, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=400, help="number of training rows")
     parser.add_argument("--eval", type=int, default=60, help="number of evaluation rows")
+    parser.add_argument("--ood", type=int, default=60, help="number of out-of-distribution evaluation rows")
     parser.add_argument(
         "--out-dir", type=Path, default=Path(__file__).resolve().parent,
         help="folder whose data/ subfolder receives the files (default: this script's folder)",
@@ -197,7 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = args.out_dir / "data"
     write_jsonl_atomic(data_dir / "orders_train.jsonl", train)
     write_jsonl_atomic(data_dir / "orders_eval.jsonl", eval_rows)
-    print(f"wrote {len(train)} train and {len(eval_rows)} eval rows to {data_dir}")
+    ood_rows = generate_ood(args.seed, args.ood)
+    write_jsonl_atomic(data_dir / "orders_ood.jsonl", ood_rows)
+    print(f"wrote {len(train)} train, {len(eval_rows)} eval and {len(ood_rows)} out-of-distribution rows to {data_dir}")
 
 
 if __name__ == "__main__":

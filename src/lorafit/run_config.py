@@ -81,6 +81,7 @@ class EvaluationConfig:
     limit: int | None = None
     batch_size: int = 64
     sets: dict = field(default_factory=dict)  # name -> EvalSetConfig, e.g. {in_distribution: a.jsonl, ...}
+    forgetting: bool | str = "auto"  # base vs adapter on general prompts after training; auto = on CUDA only
 
     def __post_init__(self) -> None:
         if not isinstance(self.sets, dict):
@@ -231,6 +232,9 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("training.epochs must be positive (or set training.max_steps).")
     if config.evaluation.metric not in METRICS:
         raise ConfigError(f"evaluation.metric={config.evaluation.metric!r}: use one of {', '.join(METRICS)}.")
+    if config.evaluation.forgetting not in (True, False, "auto"):
+        raise ConfigError(f"evaluation.forgetting={config.evaluation.forgetting!r}: use true, false or auto "
+                          "(auto = on when CUDA is available).")
     if t.neftune_noise_alpha is not None and not 0 <= t.neftune_noise_alpha < float("inf"):
         raise ConfigError(f"training.neftune_noise_alpha={t.neftune_noise_alpha!r} must be >= 0 (the NEFTune paper "
                           "uses 5-15; null or 0 = no noise).")

@@ -35,6 +35,11 @@ def _answer(row: dict) -> dict:
     return json.loads(row["messages"][2]["content"])
 
 
+def _pattern(template: str) -> re.Pattern:
+    """A template as a regex: each {placeholder} matches any text."""
+    return re.compile(re.sub(r"\\\{\w+\\\}", ".+", re.escape(template)), re.IGNORECASE)
+
+
 def test_deterministic_for_seed(mo: ModuleType) -> None:
     assert mo.generate(7, 50, 10) == mo.generate(7, 50, 10)
     assert mo.generate(7, 50, 10) != mo.generate(8, 50, 10)
@@ -101,10 +106,7 @@ def test_singular_and_plural_present(splits) -> None:
 
 
 def test_at_least_ten_templates_used(mo: ModuleType, splits) -> None:
-    patterns = [
-        re.compile(re.sub(r"\\\{\w+\\\}", ".+", re.escape(t)), re.IGNORECASE)
-        for t in mo.TEMPLATES
-    ]
+    patterns = [_pattern(t) for t in mo.TEMPLATES]
     used = {i for r in splits[0] for i, p in enumerate(patterns) if p.fullmatch(_user(r))}
     assert len(used) >= 10
 
@@ -112,14 +114,17 @@ def test_at_least_ten_templates_used(mo: ModuleType, splits) -> None:
 def test_main_writes_files_atomically(mo: ModuleType, tmp_path: Path) -> None:
     mo.main(["--seed", "3", "--train", "20", "--eval", "5", "--out-dir", str(tmp_path)])
     data = tmp_path / "data"
-    assert sorted(p.name for p in data.iterdir()) == ["orders_eval.jsonl", "orders_train.jsonl"]
+    assert sorted(p.name for p in data.iterdir()) == ["orders_eval.jsonl", "orders_ood.jsonl", "orders_train.jsonl"]
     train = [json.loads(line) for line in (data / "orders_train.jsonl").read_text().splitlines()]
     assert train == mo.generate(3, 20, 5)[0]
+    ood = [json.loads(line) for line in (data / "orders_ood.jsonl").read_text().splitlines()]
+    assert ood == mo.generate_ood(3, 60)
 
 
 def test_committed_files_match_default_generation(mo: ModuleType, splits) -> None:
     data = SCRIPT.parent / "data"
-    for name, rows in (("orders_train.jsonl", splits[0]), ("orders_eval.jsonl", splits[1])):
+    for name, rows in (("orders_train.jsonl", splits[0]), ("orders_eval.jsonl", splits[1]),
+                       ("orders_ood.jsonl", mo.generate_ood(0, 60))):
         lines = (data / name).read_text(encoding="utf-8").splitlines()
         assert [json.loads(line) for line in lines] == rows
 
@@ -134,3 +139,53 @@ def test_disjoint_even_when_collisions_are_likely(mo: ModuleType, monkeypatch) -
     train, eval_rows = mo.generate(seed=0, n_train=100, n_eval=20)
     users = [_user(r) for r in train + eval_rows]
     assert len(set(users)) == len(users) == 120
+
+
+@pytest.fixture(scope="module")
+def ood(mo: ModuleType) -> list[dict]:
+    return mo.generate_ood(seed=0, n=60)
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def test_ood_rows_are_deterministic_canonical_and_unique(mo: ModuleType, ood) -> None:
+    assert len(ood) == 60 and ood == mo.generate_ood(0, 60) and ood != mo.generate_ood(1, 60)
+    users = [_user(r) for r in ood]
+    assert len(set(users)) == 60
+    for row in ood:
+        assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+        assert row["messages"][0]["content"] == mo.SYSTEM_PROMPT
+        raw, ans = row["messages"][2]["content"], _answer(row)
+        assert raw == json.dumps(ans) and list(ans) == ["item", "color", "quantity", "city"]
+        text, q = _user(row).lower(), ans["quantity"]
+        assert str(q) in re.findall(r"\d+", text) or re.search(rf"\b{mo.number_words(q)}\b", text), text
+        noun = ans["item"] if q == 1 else mo.OOD_ITEMS[ans["item"]]
+        assert re.search(rf"\b{ans['color']} {noun}\b", text) and ans["city"].lower() in text, text
+
+
+def test_ood_values_and_phrasings_never_occur_in_train_or_eval(mo: ModuleType, splits, ood) -> None:
+    seen = splits[0] + splits[1]
+    seen_answers = [_answer(r) for r in seen]
+    ood_answers = [_answer(r) for r in ood]
+    for key in ("item", "color", "quantity", "city"):
+        assert not {a[key] for a in ood_answers} & {a[key] for a in seen_answers}, key
+    assert min(a["quantity"] for a in ood_answers) > max(a["quantity"] for a in seen_answers)
+    # no held-out value appears anywhere in a train/eval sentence (plurals and number words included)
+    seen_words = set().union(*(_words(_user(r)) for r in seen))
+    ood_values = {*mo.OOD_ITEMS, *mo.OOD_ITEMS.values(), *mo.OOD_COLORS,
+                  *(w for city in mo.OOD_CITIES for w in _words(city))}
+    ood_values |= {w for q in mo.OOD_QUANTITIES for w in _words(mo.number_words(q))} - set(mo.NUMBER_WORDS)
+    assert not ood_values & seen_words, ood_values & seen_words
+    # no OOD phrasing is a train template, and no sentence of one matches a train template
+    assert not set(mo.OOD_TEMPLATES) & set(mo.TEMPLATES)
+    assert not any(_pattern(t).fullmatch(_user(r)) for r in ood for t in mo.TEMPLATES)
+    used = {t for r in ood for t in mo.OOD_TEMPLATES if _pattern(t).fullmatch(_user(r))}
+    assert len(used) == len(mo.OOD_TEMPLATES)  # every held-out phrasing is used
+
+
+def test_number_words(mo: ModuleType) -> None:
+    assert [mo.number_words(q) for q in (1, 20, 21, 40, 99)] == ["one", "twenty", "twenty-one", "forty", "ninety-nine"]
+    with pytest.raises(ValueError, match="quantity=100"):
+        mo.number_words(100)

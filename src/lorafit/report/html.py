@@ -75,6 +75,8 @@ def render_page(runs: list[RunData], panels: list[Panel], heatmaps: dict[str, by
         _diagnosis_section(runs),
         _curves_section(panels, runs),
         _evaluation_section(runs),
+        _eval_sets_section(runs),
+        _forgetting_section(runs),
         _adapter_section(runs, heatmaps),
         _config_section(runs),
         f"<footer>generated {datetime.datetime.now():%Y-%m-%d %H:%M} from {escape(str(main.path))}</footer>",
@@ -210,6 +212,81 @@ def _samples(run_name: str, before: dict[str, Any] | None, after: dict[str, Any]
 def _replies(evaluation: dict[str, Any] | None) -> dict[str, str]:
     samples = (evaluation or {}).get("samples") or []
     return {str(s.get("prompt")): str(s.get("reply")) for s in samples if isinstance(s, dict)}
+
+
+def _eval_sets_section(runs: list[RunData]) -> str:
+    """evaluation.sets: a row per named set (and per run when compared), accuracy +- one standard error before and
+    after training; nothing when no run scored any set."""
+    rows = []
+    for run in runs:
+        summary = run.summary or {}
+        before, after = summary.get("eval_sets_before") or {}, summary.get("eval_sets_after") or {}
+        for name in dict.fromkeys([*after, *before]):
+            label = f"{run.name} · {name}" if len(runs) > 1 else name
+            first, last = before.get(name), after.get(name)
+            change = ""
+            if first and last:
+                points = 100 * (last["accuracy"] - first["accuracy"])
+                change = f'<span class="{"up" if points >= 0 else "down"}">{points:+.1f} pts</span>'
+            metric = (last or first).get("metric", "")
+            rows.append(f'<tr><td>{escape(label)}</td><td>{escape(str(metric))}</td>'
+                        f'<td class="num">{escape(str((last or first).get("total", "?")))}</td>'
+                        f'<td class="num">{escape(_with_stderr(first))}</td>'
+                        f'<td class="num">{escape(_with_stderr(last))}</td>'
+                        f'<td class="num">{change}</td></tr>')
+    notes = [f"{r.name}: {r.notes['eval_sets']}" for r in runs if "eval_sets" in r.notes]
+    if not rows and not notes:
+        return ""
+    table = (f'<table><tr><th>eval set</th><th>metric</th><th class="num">n</th><th class="num">before</th>'
+             f'<th class="num">after</th><th class="num">change</th></tr>{"".join(rows)}</table>' if rows else "")
+    return (f"<section><h2>Evaluation sets: before / after ± SE</h2>{table}"
+            f"{_note('± one binomial standard error, sqrt(p(1-p)/n).') if rows else ''}"
+            f"{''.join(_note(n) for n in notes)}</section>")
+
+
+def _with_stderr(result: dict[str, Any] | None) -> str:
+    if not result:
+        return "—"
+    return f"{result['correct']}/{result['total']} ({result['accuracy']:.1%} ± {result['stderr']:.1%})"
+
+
+def _forgetting_section(runs: list[RunData]) -> str:
+    """The forgetting check's three figures against their thresholds, a row per run, then its warnings and a few
+    changed answers of the first run; nothing when no run measured it."""
+    measured = [(run, (run.summary or {}).get("forgetting")) for run in runs]
+    notes = [f"{r.name}: {r.notes['forgetting']}" for r in runs if "forgetting" in r.notes]
+    if not any(f for _, f in measured) and not notes:
+        return ""
+    rows = []
+    for run, f in measured:
+        if not f:
+            continue
+        thresholds = f.get("thresholds") or {}
+        kl_warn, ppl_warn = thresholds.get("kl_per_token"), thresholds.get("ppl_ratio")
+        kl_high = is_number(kl_warn) and f["kl_per_token"] > kl_warn
+        ppl_high = is_number(ppl_warn) and f["ppl_ratio"] > ppl_warn
+        rows.append(f'<tr><td>{escape(run.name)}</td>'
+                    f'<td class="num{" down" if kl_high else ""}">{f["kl_per_token"]:.4f}</td>'
+                    f'<td class="num{" down" if ppl_high else ""}">{f["ppl_ratio"]:.4f} '
+                    f'({f["ppl_base"]:.2f} → {f["ppl_tuned"]:.2f})</td>'
+                    f'<td class="num">{f["changed"]}/{f["prompts"]}</td></tr>')
+    first = next((f for _, f in measured if f), None) or {}
+    thresholds = first.get("thresholds") or {}
+    limits = (f"warn above {thresholds['kl_per_token']} nats/token and a ratio of {thresholds['ppl_ratio']}"
+              if is_number(thresholds.get("kl_per_token")) and is_number(thresholds.get("ppl_ratio")) else "")
+    table = (f'<table><tr><th>run</th><th class="num">KL(base ‖ tuned), nats/token</th>'
+             f'<th class="num">perplexity ratio on general text</th><th class="num">changed answers</th></tr>'
+             f'{"".join(rows)}</table>{_note(limits) if limits else ""}' if rows else "")
+    warnings = "".join(f'<div class="finding bad"><div>{escape(str(w))}</div></div>'
+                       for w in first.get("warnings") or [])
+    changed = [c for c in first.get("changed_samples") or [] if isinstance(c, dict)]
+    samples = ("<h3>Changed answers</h3><table><tr><th>prompt</th><th>base model</th><th>with adapter</th></tr>"
+               + "".join(f'<tr><td class="mono">{escape(str(c.get("prompt")))}</td>'
+                         f'<td class="mono">{escape(str(c.get("base")))}</td>'
+                         f'<td class="mono">{escape(str(c.get("tuned")))}</td></tr>' for c in changed)
+               + "</table>") if changed else ""
+    return (f"<section><h2>Forgetting check: base vs adapter on general prompts</h2>{warnings}{table}{samples}"
+            f"{''.join(_note(n) for n in notes)}</section>")
 
 
 def _adapter_section(runs: list[RunData], heatmaps: dict[str, bytes]) -> str:

@@ -18,6 +18,8 @@ from lorafit.report.norms import ModuleNorm, adapter_update_norms
 from lorafit.run_dir import RunDir, RunDirError
 
 EVAL_KEYS = ("eval_before", "eval_after")
+EVAL_SET_KEYS = ("eval_sets_before", "eval_sets_after")  # {name: {metric, correct, total, accuracy, stderr, ...}}
+FORGETTING_NUMBERS = ("kl_per_token", "ppl_base", "ppl_tuned", "ppl_ratio", "changed", "prompts")
 
 
 @dataclass
@@ -117,6 +119,20 @@ def _read_summary(run: RunData) -> None:
             run.notes["evaluation"] = f"{run.folder.summary.name}: {key} lacks correct/total/accuracy; left out."
     if not any(summary.get(key) for key in EVAL_KEYS):
         run.notes.setdefault("evaluation", "no generation evaluation (needs data.eval and evaluation.generation: true).")
+    for key in EVAL_SET_KEYS:
+        sets = summary.get(key)
+        if sets is not None and not (isinstance(sets, dict) and all(
+                isinstance(result, dict) and all(is_number(result.get(k))
+                                                 for k in ("correct", "total", "accuracy", "stderr"))
+                for result in sets.values())):
+            summary[key] = None
+            run.notes["eval_sets"] = f"{run.folder.summary.name}: {key} is not {{name: accuracy +- stderr}}; left out."
+    forgetting = summary.get("forgetting")
+    if forgetting is not None and not (isinstance(forgetting, dict)
+                                       and all(is_number(forgetting.get(k)) for k in FORGETTING_NUMBERS)):
+        summary["forgetting"] = None
+        run.notes["forgetting"] = (f"{run.folder.summary.name}: forgetting lacks one of "
+                                   f"{', '.join(FORGETTING_NUMBERS)}; left out.")
 
 
 def _read_diagnosis(run: RunData, given: Any) -> None:

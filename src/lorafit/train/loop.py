@@ -54,6 +54,9 @@ class RunResult:
     eval_before: dict[str, Any] | None = None
     eval_after: dict[str, Any] | None = None
     eval_base: dict[str, Any] | None = None  # the base model (adapter off) when training started from a saved adapter
+    eval_sets_before: dict[str, Any] | None = None  # evaluation.sets: {name: evaluate_set result} before training
+    eval_sets_after: dict[str, Any] | None = None
+    forgetting: dict[str, Any] | None = None  # forgetting_check's figures, when evaluation.forgetting is on
 
 
 @dataclass
@@ -221,8 +224,9 @@ def finish(state: RunState) -> RunResult:
     result = state.result
     summary = {"steps": result.steps, "final_loss": result.final_loss, "phases_s": result.phases,
                "eval_before": result.eval_before, "eval_after": result.eval_after}
-    if result.eval_base is not None:
-        summary["eval_base"] = result.eval_base
+    optional = {"eval_base": result.eval_base, "eval_sets_before": result.eval_sets_before,
+                "eval_sets_after": result.eval_sets_after, "forgetting": result.forgetting}
+    summary |= {key: value for key, value in optional.items() if value is not None}
     state.folder.write_summary(summary)
     try:
         finish_run(state.folder.path)

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from lorafit.data import Example
-from lorafit.evaluation.generate import generate_responses
-from lorafit.evaluation.metrics import score
+from lorafit.evaluation.eval_sets import evaluate_set, evaluate_sets, format_results
+from lorafit.evaluation.forgetting import forgetting_check, format_forgetting
 from lorafit.flops import step_throughput
 from lorafit.run_config import EvaluationConfig, RunConfig
 from lorafit.train import loop
@@ -33,6 +34,8 @@ from lorafit.train.batches import (
 )
 from lorafit.train.loop import RunResult, TrainingDiverged
 from lorafit.train.loss import target_loss_sum
+from lorafit.train.neftune import neftune_noise
+from lorafit.train.reference import StartWeights, reference_policy, reference_start
 
 
 def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = False) -> RunResult:
@@ -49,12 +52,18 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     loop.attach_adapter(state.model, config)
     model, device = state.model, state.model.device
     use_bf16 = loop.use_bf16(t, device)
+    check_forgetting = forgetting_enabled(config.evaluation, device)
+    start = reference_start(model, config) if check_forgetting else None  # before a checkpoint moves the weights
 
     gen_eval = config.evaluation.generation and data.eval is not None
     if gen_eval and not resume:
         with state.timed("eval_before"):
             result.eval_before = generation_eval(model, state.tokenizer, eval_set.examples, config.evaluation)
         print(f"before training: {_describe(result.eval_before)}")
+    if config.evaluation.sets and not resume:
+        with state.timed("eval_sets_before"):
+            result.eval_sets_before = score_eval_sets(model, state.tokenizer, config.evaluation, data.eval,
+                                                      result.eval_before)
 
     micro = t.micro_batch_size or t.batch_size
     per_epoch = steps_per_epoch(len(train_set.rows), t.batch_size)
@@ -62,8 +71,8 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     progress = state.trainer
     pad = state.tokenizer.pad_token_id
     eval_batches = fixed_batches(eval_set.rows, micro, pad) if eval_set else []  # collated once, reused each eval
-    with state.timed("train"), tqdm(total=state.total_steps, initial=progress.step, desc="training", unit="step",
-                                    dynamic_ncols=True) as bar:
+    with state.timed("train"), neftune_noise(model, t.neftune_noise_alpha), tqdm(
+            total=state.total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True) as bar:
         while progress.step < state.total_steps:
             step_start = time.perf_counter()
             batches = step_micro_batches(train_set.rows, progress.step, batch_size=t.batch_size,
@@ -90,7 +99,44 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
         with state.timed("eval_after"):
             result.eval_after = generation_eval(model, state.tokenizer, eval_set.examples, config.evaluation)
         print(_side_by_side(result.eval_before, result.eval_after))
+    if config.evaluation.sets:
+        with state.timed("eval_sets_after"):
+            result.eval_sets_after = score_eval_sets(model, state.tokenizer, config.evaluation, data.eval,
+                                                     result.eval_after)
+        print(format_results(result.eval_sets_after, result.eval_sets_before))
+    if check_forgetting:
+        with state.timed("forgetting"):
+            result.forgetting = forgetting_check(model, state.tokenizer, reference=_reference(model, start),
+                                                 progress=True)
+        print(format_forgetting(result.forgetting))
     return loop.finish(state)
+
+
+def forgetting_enabled(evaluation: EvaluationConfig, device: torch.device) -> bool:
+    """evaluation.forgetting: true/false as written; auto runs the check on CUDA only (minutes of CPU time on a
+    CPU: see lorafit.evaluation.forgetting)."""
+    return evaluation.forgetting is True or (evaluation.forgetting == "auto" and device.type == "cuda")
+
+
+def score_eval_sets(model: Any, tokenizer: Any, evaluation: EvaluationConfig, data_eval: str | None,
+                    data_eval_result: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Every evaluation.sets entry scored by its metric (evaluation.metric where it names none), in config order.
+
+    A set that is data.eval under evaluation.metric reuses `data_eval_result` (the generation eval just made of
+    that file, the same greedy replies) instead of generating them a second time.
+    """
+    sets = {name: (s.path, s.metric or evaluation.metric) for name, s in evaluation.sets.items()}
+    same = {name for name, (path, metric) in sets.items() if data_eval_result is not None and data_eval is not None
+            and metric == evaluation.metric and Path(path).resolve() == Path(data_eval).resolve()}
+    scored = evaluate_sets(model, tokenizer, {n: v for n, v in sets.items() if n not in same}, limit=evaluation.limit,
+                           max_new_tokens=evaluation.max_new_tokens, batch_size=evaluation.batch_size, progress=True)
+    return {name: {"path": path, **data_eval_result} if name in same else scored[name]
+            for name, (path, _) in sets.items()}
+
+
+def _reference(model: Any, start: StartWeights | None) -> Any:
+    """The forgetting check's reference: the policy training started from (the adapter off for a fresh adapter)."""
+    return lambda: reference_policy(model, start)
 
 
 def train_step(model: Any, batches: list[MicroBatch], device: torch.device, use_bf16: bool) -> tuple[float, int]:
@@ -122,15 +168,11 @@ def _loss_sum(model: Any, batch: MicroBatch, device: torch.device, use_bf16: boo
 
 
 def generation_eval(model: Any, tokenizer: Any, examples: list[Example], evaluation: EvaluationConfig) -> dict[str, Any]:
-    """Greedy replies to the held-out chats, scored against their final assistant turn."""
+    """Greedy replies to the held-out chats, scored against their final assistant turn (evaluate_set's result)."""
     examples = [e for e in examples if e.messages and e.messages[-1]["role"] == "assistant"]
     examples = examples[: evaluation.limit] if evaluation.limit else examples
-    replies = generate_responses(model, tokenizer, [e.messages[:-1] for e in examples],
-                                 max_new_tokens=evaluation.max_new_tokens, batch_size=evaluation.batch_size,
-                                 progress=True)
-    result = score(replies, [e.messages[-1]["content"] for e in examples], evaluation.metric)
-    result["samples"] = [{"prompt": e.messages[-2]["content"], "reply": r} for e, r in zip(examples[:3], replies[:3])]
-    return result
+    return evaluate_set(model, tokenizer, examples, evaluation.metric, max_new_tokens=evaluation.max_new_tokens,
+                        batch_size=evaluation.batch_size, progress=True)
 
 
 def _print_data_summary(name: str, dataset: Dataset) -> None:
@@ -154,4 +196,5 @@ def _side_by_side(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["RunResult", "TrainingDiverged", "eval_loss", "generation_eval", "train", "train_step"]
+__all__ = ["RunResult", "TrainingDiverged", "eval_loss", "forgetting_enabled", "generation_eval", "score_eval_sets",
+           "train", "train_step"]
