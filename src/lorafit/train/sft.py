@@ -34,9 +34,10 @@ from lorafit.train.loop import RunResult, TrainingDiverged
 from lorafit.train.loss import target_loss_sum
 
 
-def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = False) -> RunResult:
+def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = False,
+          overwrite: bool = False) -> RunResult:
     """Run supervised fine-tuning as `config` says; the adapter lands in OUTPUT/adapter (PEFT format)."""
-    state = loop.begin_run(config, resume, trust_checkpoint)
+    state = loop.begin_run(config, resume, trust_checkpoint, overwrite=overwrite)
     result, t, data = state.result, config.training, config.data
     loop.load_base_model(state)
     with state.timed("prepare_data"):
