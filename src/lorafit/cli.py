@@ -166,12 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from lorafit.run_config import load_run_config
+    from lorafit.run_dir import RunDir
     from lorafit.train import grpo, sft
 
     config = load_run_config(args.config, args.overrides)
     trainer = grpo if config.method == "grpo" else sft
-    result = trainer.train(config, resume=args.resume, trust_checkpoint=args.trust_checkpoint,
-                           overwrite=args.overwrite)
+    try:
+        result = trainer.train(config, resume=args.resume, trust_checkpoint=args.trust_checkpoint,
+                               overwrite=args.overwrite)
+    finally:
+        RunDir(config.output_dir).release()  # a run that failed frees its folder (only a lock of this process)
     phases = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in result.phases.items())
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}; {phases}; results in {result.output_dir}")
     return 0

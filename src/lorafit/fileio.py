@@ -11,6 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save as safetensors_bytes
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -114,3 +117,15 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` as a safetensors file through Python's file I/O, so that a full disk or a read-only
+    folder is an OSError naming the file; safetensors' own writer reports them as a generic SafetensorError. Callers write into an atomic_directory, which
+    fsyncs the file."""
+    data = safetensors_bytes(tensors, metadata)
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as err:
+        raise type(err)(err.errno, err.strerror, str(path)) from err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import time
 import warnings
 from collections.abc import Collection
@@ -10,7 +11,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -29,6 +30,11 @@ from lorafit.quant import QUANT_SCHEMES, Linear4bit, QuantizationError, check_sc
 
 FLOAT_CHECKPOINT = "float"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+# What reading a model's files raises when they are missing, truncated or not what they claim to be (a cut safetensors
+# or GGUF file fails inside its parser, as SafetensorError or struct.error).
+UNREADABLE = (OSError, ValueError, struct.error, SafetensorError)
 
 
 class ModelLoadError(UserError):
@@ -100,7 +106,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def _load_tokenizer(source: str, **kwargs) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
+    except UNREADABLE as err:
         raise _load_error(source, err) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -112,7 +118,7 @@ def _from_pretrained(source: str, gguf_file: str | None, dtype: torch.dtype) -> 
     tokenizer = _load_tokenizer(source, **kwargs)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as err:
+    except UNREADABLE as err:
         raise _load_error(source, err) from err
     if gguf_file:
         _clear_gguf_quantizer_marker(model)
@@ -216,7 +222,7 @@ def _load_nf4_streamed(source: str, shards: dict[str, Path], dtype: torch.dtype,
     """
     try:
         config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
+    except UNREADABLE as err:
         raise _load_error(source, err) from err
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
