@@ -115,7 +115,13 @@ def _adapter_for_another_model(root: Path, case: Path) -> list[str]:
     other = build_tiny("qwen2")
     lorafit.attach(other, lorafit.AdapterConfig(r=4, alpha=8))
     lorafit.save_adapter(other, case / "adapter")
-    return _train(root, case, f"init_adapter={case / 'adapter'}")
+    return _init_adapter_args(root, case, case / "adapter")
+
+
+def _init_adapter_args(root: Path, case: Path, adapter: Path) -> list[str]:
+    """Train from a saved adapter: a run file without an adapter section (the saved one's config applies)."""
+    text = (root / "run.yaml").read_text().replace("adapter: {r: 4, alpha: 8, dropout: 0.1}\n", "")
+    return ["train", str(_run_yaml(case, text)), f"output_dir={case / 'out2'}", *FAST, f"init_adapter={adapter}"]
 
 
 def _saved_adapter(root: Path, case: Path) -> Path:
@@ -129,13 +135,13 @@ def _nan_adapter(root: Path, case: Path) -> list[str]:
     tensors = load_file(weights)
     tensors[sorted(tensors)[0]][0, 0] = float("nan")
     save_file(tensors, weights)
-    return _train(root, case, f"output_dir={case / 'out2'}", f"init_adapter={adapter}", "adapter=null")
+    return _init_adapter_args(root, case, adapter)
 
 
 def _list_adapter_config(root: Path, case: Path) -> list[str]:
     adapter = _saved_adapter(root, case)
     (adapter / "adapter_config.json").write_text('[{"peft_type": "LORA"}]')
-    return _train(root, case, f"output_dir={case / 'out2'}", f"init_adapter={adapter}", "adapter=null")
+    return _init_adapter_args(root, case, adapter)
 
 
 def _truncated_checkpoint(root: Path, case: Path) -> list[str]:
@@ -299,7 +305,7 @@ def tiny(tmp_path_factory):
 
 def test_every_bad_input_is_one_line_exit_2_and_damages_nothing(tiny, tmp_path, capsys):
     assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
-    problems, tracebacks, damaged = [], 0, 0
+    problems, shown, tracebacks, damaged = [], [], 0, 0
     for number, case in enumerate(CASES):
         folder = tmp_path / f"case{number:02d}"
         folder.mkdir()
@@ -313,10 +319,12 @@ def test_every_bad_input_is_one_line_exit_2_and_damages_nothing(tiny, tmp_path, 
         error_lines = [line for line in lines if line.startswith("lorafit train: error: ")]
         expect = case.expect.replace("{case}", str(folder))
         tracebacks += "Traceback" in err
+        shown.append(f"[{case.name}] {error_lines[-1] if error_lines else lines[-1:]}")
         damaged += bool(changed)
         if not (code == 2 and "Traceback" not in err and len(error_lines) == 1 and lines[-1] == error_lines[0]
                 and expect in error_lines[0] and not changed):
             problems.append(f"{case.name}: exit {code}, changed {changed}, stderr tail {lines[-3:]!r}")
+    print("\n".join(shown))
     print(f"{len(CASES)} bad inputs, {tracebacks} tracebacks, {damaged} files damaged")
     bomb = next(n for n, c in enumerate(CASES) if c.make is _pickle_bomb)
     assert not (tmp_path / f"case{bomb:02d}" / "marker").exists(), "the pickle bomb ran"

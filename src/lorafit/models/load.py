@@ -107,7 +107,7 @@ def _load_tokenizer(source: str, **kwargs) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except UNREADABLE as err:
-        raise _load_error(source, err) from err
+        raise _load_error(_named(source, kwargs.get("gguf_file")), err) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -119,10 +119,15 @@ def _from_pretrained(source: str, gguf_file: str | None, dtype: torch.dtype) -> 
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except UNREADABLE as err:
-        raise _load_error(source, err) from err
+        raise _load_error(_named(source, gguf_file), err) from err
     if gguf_file:
         _clear_gguf_quantizer_marker(model)
     return model, tokenizer
+
+
+def _named(source: str, gguf_file: str | None) -> str:
+    """What an error names: the GGUF file itself, else the folder or hub id."""
+    return str(Path(source) / gguf_file) if gguf_file else source
 
 
 def _clear_gguf_quantizer_marker(model: PreTrainedModel) -> None:
