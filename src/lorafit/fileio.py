@@ -76,9 +76,20 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_directory(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise naming(err, path) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def naming(err: OSError, path: str | Path) -> OSError:
+    """`err` with `path` as its file name when it has none (a failed write, e.g. a full disk, names no file),
+    so that the one-line error says which file could not be written."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return type(err)(err.errno, err.strerror, str(path))
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -128,4 +139,4 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         with open(path, "wb") as handle:
             handle.write(data)
     except OSError as err:
-        raise type(err)(err.errno, err.strerror, str(path)) from err
+        raise naming(err, path) from err

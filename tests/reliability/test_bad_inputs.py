@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from tiny_models import write_tiny_run
 
 from lorafit.cli import main
-from lorafit.run_dir import LEGACY_CHECKPOINT_STATE
+from lorafit.run_dir import LEGACY_CHECKPOINT_STATE, RunDir
+from lorafit.train.checkpoint import read_checkpoint
 
 FAST = ["evaluation.generation=false", "evaluation.every=0", "training.max_steps=2", "training.save_every=1"]
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -201,6 +202,31 @@ def _foreign_files(root: Path, case: Path) -> list[str]:
     return _train(root, case, "--overwrite")
 
 
+MOUNTS: list[Path] = []  # tmpfs mounts made by _disk_full, unmounted at the end of the test
+
+
+def _disk_full(root: Path, case: Path) -> list[str]:
+    """output_dir on a 200 KiB tmpfs: checkpoint 1 (~110 KB) fits, checkpoint 2 does not (a real ENOSPC)."""
+    out = case / "out"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(out)], check=True, capture_output=True)
+    MOUNTS.append(out)
+    return _train(root, case, "training.max_steps=3")
+
+
+def _can_mount() -> bool:
+    probe = Path("/tmp") / f"lorafit-mount-probe-{os.getpid()}"
+    probe.mkdir(exist_ok=True)
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(probe)],
+                                 capture_output=True).returncode == 0
+        if mounted:
+            subprocess.run(["umount", str(probe)], check=True)
+        return mounted
+    finally:
+        probe.rmdir()
+
+
 def _read_only_fs(root: Path, case: Path) -> list[str]:
     return _train(root, case, "output_dir=/proc/lorafit-run")
 
@@ -262,6 +288,7 @@ CASES = [
     Case("--overwrite with foreign files", _foreign_files, "notes.txt"),
     Case("output_dir locked by a live run", _locked, ".lock"),
     Case("read-only file system", _read_only_fs, "/proc/lorafit-run"),
+    Case("disk full while checkpointing", _disk_full, "No space left on device"),
     Case("truncated checkpoint", _truncated_checkpoint, "adapter_model.safetensors"),
     Case("hand-edited checkpoint", _edited_checkpoint, "trainer_state.json"),
     Case("pickle bomb trainer_state.pt", _pickle_bomb, "trainer_state.pt", subprocess=True),
@@ -304,9 +331,21 @@ def tiny(tmp_path_factory):
 
 
 def test_every_bad_input_is_one_line_exit_2_and_damages_nothing(tiny, tmp_path, capsys):
-    assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
+    cases = CASES
+    if not _can_mount():  # a real full disk needs a tmpfs mount (root); say so instead of skipping silently
+        cases = [c for c in CASES if c.make is not _disk_full]
+        print("note: cannot mount a tmpfs here, so the disk-full case is left out")
+    assert len(cases) >= 40 and len({c.name for c in cases}) == len(cases)
+    try:
+        _run_cases(cases, tiny, tmp_path, capsys)
+    finally:
+        for mount in MOUNTS:
+            subprocess.run(["umount", str(mount)], check=False)
+
+
+def _run_cases(cases: list[Case], tiny: Path, tmp_path: Path, capsys) -> None:
     problems, shown, tracebacks, damaged = [], [], 0, 0
-    for number, case in enumerate(CASES):
+    for number, case in enumerate(cases):
         folder = tmp_path / f"case{number:02d}"
         folder.mkdir()
         args = case.make(tiny, folder)
@@ -325,7 +364,11 @@ def test_every_bad_input_is_one_line_exit_2_and_damages_nothing(tiny, tmp_path, 
                 and expect in error_lines[0] and not changed):
             problems.append(f"{case.name}: exit {code}, changed {changed}, stderr tail {lines[-3:]!r}")
     print("\n".join(shown))
-    print(f"{len(CASES)} bad inputs, {tracebacks} tracebacks, {damaged} files damaged")
-    bomb = next(n for n, c in enumerate(CASES) if c.make is _pickle_bomb)
+    print(f"{len(cases)} bad inputs, {tracebacks} tracebacks, {damaged} files damaged")
+    bomb = next(n for n, c in enumerate(cases) if c.make is _pickle_bomb)
     assert not (tmp_path / f"case{bomb:02d}" / "marker").exists(), "the pickle bomb ran"
+    for number in [n for n, c in enumerate(cases) if c.make is _disk_full]:  # the previous checkpoint survives
+        survivors = RunDir(tmp_path / f"case{number:02d}" / "out").list_checkpoints()
+        assert [p.name for p in survivors] == ["step-00000001"]
+        read_checkpoint(survivors[0])
     assert not problems, "\n".join(problems)
