@@ -146,6 +146,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run file, apply `key.path=value` overrides, validate; errors name the file and key."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"run config {str(path)!r} is a folder; pass the run's YAML file, e.g. {path / 'run.yaml'}.")
     if not path.is_file():
         raise ConfigError(f"run config {str(path)!r} does not exist.")
     try:

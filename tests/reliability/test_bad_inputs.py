@@ -2,8 +2,9 @@
 (`expect`, a substring of that line), no traceback, and every file that existed before is unchanged (SHA-256).
 
 Most cases run `lorafit.cli.main` in-process (a subprocess costs seconds of start-up each); a few run the real
-`lorafit` command to check what a user's terminal shows. Not covered, with the reason: a read-only output folder
-made with chmod (the tests run as root, whom permissions do not stop); a read-only file system stands in for it.
+`lorafit` command to check what a user's terminal shows. A read-only output folder is a read-only tmpfs mount,
+not chmod (the tests run as root, whom permissions do not stop); a full disk is a 200 KiB tmpfs. Both need mount
+(root); where it fails, those two cases are left out and the test says so.
 """
 
 from __future__ import annotations
@@ -228,13 +229,18 @@ def _can_mount() -> bool:
 
 
 def _read_only_fs(root: Path, case: Path) -> list[str]:
-    return _train(root, case, "output_dir=/proc/lorafit-run")
+    """output_dir inside a read-only mount (chmod does not stop root; a read-only file system does)."""
+    folder = case / "readonly"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=4k", "tmpfs", str(folder)], check=True, capture_output=True)
+    MOUNTS.append(folder)
+    return _train(root, case, f"output_dir={folder / 'run'}")
 
 
 CASES = [
     # the run file
     Case("run file missing", lambda r, c: ["train", str(c / "nope.yaml")], "nope.yaml"),
-    Case("run file is a folder", lambda r, c: ["train", str(c)], str(Path("{case}"))),
+    Case("run file is a folder", lambda r, c: ["train", str(c)], "is a folder; pass the run's YAML file"),
     Case("YAML is a list", lambda r, c: ["train", str(_run_yaml(c, "- model\n- data\n"))], "top level must be a mapping"),
     Case("YAML is a string", lambda r, c: ["train", str(_run_yaml(c, "just words\n"))], "top level must be a mapping"),
     Case("YAML is empty", lambda r, c: ["train", str(_run_yaml(c, ""))], "model"),
@@ -287,7 +293,7 @@ CASES = [
     Case("--resume with --overwrite", lambda r, c: _train(r, c, "--resume", "--overwrite"), "--resume and --overwrite"),
     Case("--overwrite with foreign files", _foreign_files, "notes.txt"),
     Case("output_dir locked by a live run", _locked, ".lock"),
-    Case("read-only file system", _read_only_fs, "/proc/lorafit-run"),
+    Case("read-only file system", _read_only_fs, "Read-only file system"),
     Case("disk full while checkpointing", _disk_full, "No space left on device"),
     Case("truncated checkpoint", _truncated_checkpoint, "adapter_model.safetensors"),
     Case("hand-edited checkpoint", _edited_checkpoint, "trainer_state.json"),
@@ -333,8 +339,8 @@ def tiny(tmp_path_factory):
 def test_every_bad_input_is_one_line_exit_2_and_damages_nothing(tiny, tmp_path, capsys):
     cases = CASES
     if not _can_mount():  # a real full disk needs a tmpfs mount (root); say so instead of skipping silently
-        cases = [c for c in CASES if c.make is not _disk_full]
-        print("note: cannot mount a tmpfs here, so the disk-full case is left out")
+        cases = [c for c in CASES if c.make not in (_disk_full, _read_only_fs)]
+        print("note: cannot mount a tmpfs here, so the disk-full and read-only cases are left out")
     assert len(cases) >= 40 and len({c.name for c in cases}) == len(cases)
     try:
         _run_cases(cases, tiny, tmp_path, capsys)
