@@ -1,8 +1,13 @@
-"""The run folder: metrics log (only a torn last line may be skipped), checkpoint naming/listing/pruning, config."""
+"""The run folder: metrics log (only a torn last line may be skipped), checkpoint naming/listing/pruning, config,
+and claiming it for a run (lock, used folder, --resume / --overwrite)."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +80,89 @@ def test_config_is_written_and_read_back_and_bad_yaml_is_named(tmp_path):
     run.config.write_text("- a list\n")
     with pytest.raises(RunDirError, match="config.yaml: expected a mapping"):
         run.read_config()
+
+
+# ---- claiming a run folder ----
+
+def _finished(folder):
+    run = RunDir(folder)
+    run.write_config({"model": "m"})
+    run.metrics_log().append({"step": 1, "loss": 1.0})
+    run.write_summary({"steps": 1})
+    (run.checkpoints / "step-00000001").mkdir(parents=True)
+    (run.checkpoints / "step-00000001" / "manifest.json").write_text("{}")
+    return run
+
+
+def test_claim_refuses_a_used_folder_without_resume_or_overwrite_and_names_both(tmp_path):
+    run = _finished(tmp_path / "out")
+    with pytest.raises(RunDirError, match=r"holds a previous run \(metrics.jsonl, checkpoints, summary.json\); "
+                                            r"pass --resume .* --overwrite"):
+        run.claim()
+    assert not run.lock.exists() and run.read_metrics() == [{"step": 1, "loss": 1.0}]
+
+
+def test_claim_of_a_config_only_folder_is_a_fresh_run(tmp_path):
+    run = RunDir(tmp_path / "out")
+    run.write_config({"model": "m"})
+    run.claim()
+    assert json.loads(run.lock.read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+    run.release()
+    assert not run.lock.exists()
+
+
+def test_overwrite_deletes_only_lorafit_run_files_and_refuses_foreign_ones(tmp_path):
+    run = _finished(tmp_path / "out")
+    (run.path / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match=r"also holds files lorafit did not write \(notes.txt\)"):
+        run.claim(overwrite=True)
+    assert run.summary.exists() and (run.path / "notes.txt").read_text() == "mine"
+    (run.path / "notes.txt").unlink()
+    run.claim(overwrite=True)
+    assert sorted(p.name for p in run.path.iterdir()) == [".lock"]
+    run.release()
+
+
+def test_resume_refuses_a_finished_run_and_warns_when_no_checkpoint_exists(tmp_path):
+    run = _finished(tmp_path / "out")
+    with pytest.raises(RunDirError, match="has finished .*summary.json.*--overwrite"):
+        run.claim(resume=True)
+    interrupted = RunDir(tmp_path / "interrupted")
+    interrupted.write_config({"model": "m"})
+    interrupted.metrics_log().append({"step": 1, "loss": 1.0})
+    with pytest.warns(UserWarning, match="holds no checkpoint .* the 1 rows it logged"):
+        interrupted.claim(resume=True)
+    interrupted.release()
+    assert interrupted.read_metrics() == [{"step": 1, "loss": 1.0}]  # claiming never truncates
+
+
+def test_a_live_lock_refuses_and_a_dead_one_is_taken_over_with_a_warning(tmp_path):
+    run = RunDir(tmp_path / "out")
+    run.path.mkdir()
+    host = socket.gethostname()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run.lock.write_text(json.dumps({"pid": live.pid, "host": host}))
+        with pytest.raises(RunDirError, match=rf"in use by another run \(pid {live.pid} on {host}"):
+            run.claim()
+    finally:
+        live.kill()
+        live.wait()
+    with pytest.warns(UserWarning, match=rf"the run that held it \(pid {live.pid}\) is gone; taking the folder over"):
+        run.claim()
+    assert json.loads(run.lock.read_text())["pid"] == os.getpid()
+    run.release()
+    run.lock.write_text(json.dumps({"pid": 1, "host": "another-machine"}))
+    with pytest.raises(RunDirError, match="in use by another run .* on another-machine"):
+        run.claim()
+    run.lock.write_text("garbage")
+    with pytest.raises(RunDirError, match="is not a lorafit lock"):
+        run.claim()
+
+
+def test_output_dir_that_is_a_file_and_both_flags_are_errors(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(RunDirError, match="is a file, not a folder"):
+        RunDir(tmp_path / "f").claim()
+    with pytest.raises(RunDirError, match="--resume and --overwrite exclude each other"):
+        RunDir(tmp_path / "g").claim(resume=True, overwrite=True)

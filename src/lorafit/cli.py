@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--trust-checkpoint", action="store_true",
                        help="with --resume: also read a pickled checkpoint of an earlier lorafit (trainer_state.pt); "
                             "a pickle can run code, so only for checkpoints you wrote yourself")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the previous run in output_dir (deletes lorafit's run files there, nothing else)")
     train.set_defaults(handler=_train)
 
     gen = commands.add_parser("generate", help="answer prompts with a model (and adapter)",
@@ -191,11 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from lorafit.run_config import load_run_config
+    from lorafit.run_dir import RunDir
     from lorafit.train import grpo, sft
 
     config = load_run_config(args.config, args.overrides)
     trainer = grpo if config.method == "grpo" else sft
-    result = trainer.train(config, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
+    try:
+        result = trainer.train(config, resume=args.resume, trust_checkpoint=args.trust_checkpoint,
+                               overwrite=args.overwrite)
+    finally:
+        RunDir(config.output_dir).release()  # a run that failed frees its folder (only a lock of this process)
     phases = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in result.phases.items())
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}; {phases}; results in {result.output_dir}")
     return 0

@@ -11,6 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save as safetensors_bytes
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -73,9 +76,20 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_directory(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise naming(err, path) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def naming(err: OSError, path: str | Path) -> OSError:
+    """`err` with `path` as its file name when it has none (a failed write, e.g. a full disk, names no file),
+    so that the one-line error says which file could not be written."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return type(err)(err.errno, err.strerror, str(path))
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -114,3 +128,15 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` as a safetensors file through Python's file I/O, so that a full disk or a read-only
+    folder is an OSError naming the file; safetensors' own writer reports them as a generic SafetensorError. Callers write into an atomic_directory, which
+    fsyncs the file."""
+    data = safetensors_bytes(tensors, metadata)
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as err:
+        raise naming(err, path) from err

@@ -7,6 +7,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -148,13 +149,30 @@ class RunConfig:
         self.rewards = [_reward_spec(item, f"rewards[{i}]") for i, item in enumerate(self.rewards)]
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (plain YAML keeps the last one silently, so a
+    run file with two `lr:` lines would train with whichever came last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}: keep one of them",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run file, apply `key.path=value` overrides, validate; errors name the file and key."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"run config {str(path)!r} is a folder; pass the run's YAML file, e.g. {path / 'run.yaml'}.")
     if not path.is_file():
         raise ConfigError(f"run config {str(path)!r} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML ({err}).") from err
     if not isinstance(raw, dict):

@@ -9,13 +9,21 @@ read and write a run through `RunDir`, never through each other.
       summary.json           steps, final loss, phase times, evaluations
       diagnosis.json         the loss-curve diagnosis ({"findings": [...]})
       report.html, report/   the report page and its figures (PNG)
+      .lock                  {"pid", "host"} of the process training into the folder now (see RunDir.claim)
+
+A training run claims its folder first (`claim`): one run at a time (the lock), and a folder that already holds
+a run's results is continued (resume) or replaced (overwrite) only when the user says so, never overwritten
+silently.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import re
 import shutil
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,7 +35,11 @@ from lorafit.fileio import write_json_atomic, write_text_atomic
 
 CHECKPOINT_MANIFEST = "manifest.json"  # written last into every checkpoint: a step-N folder without it is incomplete
 LEGACY_CHECKPOINT_STATE = "trainer_state.pt"  # the pickled state of checkpoints before format version 1
+LOCK_FILE = ".lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# Every name lorafit writes at the top of a run folder; --overwrite deletes these and nothing else.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "summary.json", "diagnosis.json",
+             "report.html", "report", LOCK_FILE)
 
 
 class RunDirError(UserError):
@@ -51,6 +63,129 @@ class RunDir:
     diagnosis = property(lambda self: self.path / "diagnosis.json")
     report = property(lambda self: self.path / "report.html")
     figures = property(lambda self: self.path / "report")
+    lock = property(lambda self: self.path / LOCK_FILE)
+
+    # ---- claiming the folder for a training run ----
+
+    def claim(self, *, resume: bool = False, overwrite: bool = False) -> None:
+        """Make the folder this process's run folder, or raise a RunDirError saying why not and what to do.
+
+        - output_dir must be a folder (created if missing), not a file;
+        - the lock (`.lock`, created exclusively) keeps a second run out while this one trains; a lock left by a
+          process that is gone (same host, pid dead) is taken over with a warning; `release` (or process exit) frees it;
+        - a folder holding results of a previous run (metrics, checkpoints, adapter, summary, report) is refused unless
+          `resume` (continue from its newest checkpoint) or `overwrite` (delete lorafit's run files, and only those:
+          a folder that also holds other files is refused, so a mistyped output_dir never costs anyone their files);
+        - `resume` of a finished run (summary.json) is refused: there is nothing to continue.
+        A config.yaml alone (a run that stopped before its first step) is no result and is replaced.
+        """
+        if resume and overwrite:
+            raise RunDirError("--resume and --overwrite exclude each other: --resume continues the run in "
+                              f"{self.path}, --overwrite replaces it; pass one.")
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"output_dir {self.path} is a file, not a folder; set output_dir to a folder path "
+                              "(it is created if missing).")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        try:
+            if overwrite:
+                self._clear_previous_run()
+            elif resume:
+                self._check_resumable()
+            elif results := self.previous_results():
+                raise RunDirError(f"output_dir {self.path} holds a previous run ({', '.join(results)}); pass --resume "
+                                  "to continue it from its newest checkpoint, --overwrite to replace it, or choose "
+                                  "another output_dir.")
+        except BaseException:
+            self.release()
+            raise
+
+    def previous_results(self) -> list[str]:
+        """The names of a previous run's results in the folder (config.yaml alone is none, nor an empty metrics log)."""
+        found = [name for name in ("checkpoints", "adapter", "summary.json", "diagnosis.json", "report.html", "report")
+                 if (self.path / name).exists()]
+        if self.metrics.is_file() and self.metrics.stat().st_size > 0:
+            found.insert(0, "metrics.jsonl")
+        return found
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it (a lock of another process is never touched)."""
+        if self._lock_holder() == _this_process():
+            self.lock.unlink(missing_ok=True)
+
+    def _acquire_lock(self) -> None:
+        for _ in range(2):
+            try:
+                descriptor = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._remove_stale_lock()
+                continue
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(_this_process()))
+                handle.flush()
+                os.fsync(handle.fileno())
+            atexit.register(self.release)
+            return
+        raise RunDirError(f"{self.lock} reappeared while it was taken over: another run started in {self.path} "
+                          "at the same moment; let it finish or stop it, then retry.")
+
+    def _lock_holder(self) -> dict[str, Any] | None:
+        """The {"pid", "host"} in the lock; None when there is none; {} when it is unreadable."""
+        try:
+            holder = json.loads(self.lock.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _remove_stale_lock(self) -> None:
+        """Delete a lock left by a process that no longer runs (same host, pid gone) or by an earlier run of this
+        very process (it ended in an error before releasing); else raise naming the holder."""
+        holder = self._lock_holder()
+        if holder is None:
+            return  # released in the meantime
+        me = _this_process()
+        if holder == me:
+            self.lock.unlink(missing_ok=True)
+            return
+        pid, host = holder.get("pid"), holder.get("host")
+        if not (isinstance(pid, int) and pid > 0 and isinstance(host, str)):
+            raise RunDirError(f"{self.lock} is not a lorafit lock ({{\"pid\": ..., \"host\": ...}}); if no run is "
+                              f"training into {self.path}, delete {self.lock} and retry.")
+        if host != me["host"] or _pid_alive(pid):
+            raise RunDirError(f"output_dir {self.path} is in use by another run (pid {pid} on {host}, see "
+                              f"{self.lock}); wait for it to end or choose another output_dir. If that run is gone, "
+                              f"delete {self.lock}.")
+        warnings.warn(f"{self.lock}: the run that held it (pid {pid}) is gone; taking the folder over.", stacklevel=3)
+        self.lock.unlink(missing_ok=True)
+
+    def _clear_previous_run(self) -> None:
+        """--overwrite: delete lorafit's run files (RUN_FILES), after checking that the folder holds nothing else."""
+        foreign = sorted(p.name for p in self.path.iterdir() if p.name not in RUN_FILES)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise RunDirError(f"--overwrite: output_dir {self.path} also holds files lorafit did not write ({shown}); "
+                              "--overwrite replaces only a lorafit run folder. Move those files or choose another "
+                              "output_dir.")
+        for name in RUN_FILES:
+            target = self.path / name
+            if name == LOCK_FILE or not (target.exists() or target.is_symlink()):
+                continue
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+
+    def _check_resumable(self) -> None:
+        """--resume: refuse a finished run; warn that an interrupted run without any checkpoint starts over."""
+        if self.summary.is_file():
+            raise RunDirError(f"--resume: the run in {self.path} has finished ({self.summary} exists), there is "
+                              "nothing to continue; pass --overwrite to train again, or choose another output_dir.")
+        if not self.list_checkpoints() and (rows := read_metrics(self.metrics)):
+            warnings.warn(f"--resume: {self.checkpoints} holds no checkpoint (the run stopped before its first one); "
+                          f"starting over from step 0; the {len(rows)} rows it logged in {self.metrics} are "
+                          "replaced as the steps run again.", stacklevel=3)
 
     # ---- config.yaml ----
 
@@ -117,6 +252,21 @@ def checkpoint_step(path: Path) -> int:
     return int(match.group(1))
 
 
+def _this_process() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
 class MetricsLog:
     """metrics.jsonl, append-only: one JSON row per logged step, written as it is logged so a crash loses nothing
     logged; on resume, rows past the checkpoint's step are dropped."""
@@ -164,4 +314,4 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["CHECKPOINT_MANIFEST", "LEGACY_CHECKPOINT_STATE", "MetricsLog", "RunDir", "RunDirError", "checkpoint_step", "read_metrics"]
+__all__ = ["CHECKPOINT_MANIFEST", "LEGACY_CHECKPOINT_STATE", "LOCK_FILE", "RUN_FILES", "MetricsLog", "RunDir", "RunDirError", "checkpoint_step", "read_metrics"]

@@ -90,7 +90,7 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(io, "save_file", broken)
+    monkeypatch.setattr(io, "write_safetensors", broken)
     with pytest.raises(OSError, match="disk full"):
         lorafit.save_adapter(model, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before

@@ -27,6 +27,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_and_the_run_ends_as_uninterrupte
     run(tiny_run, f"output_dir={full}")
     broken = tiny_run / "fallback_broken"
     run(tiny_run, f"output_dir={broken}")  # checkpoints at steps 2 and 4; then pretend it died after step 4
+    (broken / "summary.json").unlink()  # a run that died has not written its summary (else resume refuses)
     newest = RunDir(broken).list_checkpoints()[-1]
     assert newest.name == "step-00000004"
     weights = newest / "adapter" / "adapter_model.safetensors"

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lorafit.adapters.init import initial_factors
@@ -22,7 +22,7 @@ from lorafit.adapters.model import TARGETS_ATTR, adapter_config, attach, lora_la
 from lorafit.adapters.targets import minimal_suffixes
 from lorafit.config import AdapterConfig, ConfigError
 from lorafit.errors import UserError
-from lorafit.fileio import atomic_directory, write_json_atomic
+from lorafit.fileio import atomic_directory, write_json_atomic, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -65,7 +65,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path:
         tensors, peft_config = pissa_as_lora(model, tensors, peft_config)
     path = Path(path)
     with atomic_directory(path) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
         write_json_atomic(tmp / CONFIG_NAME, peft_config)
     return path
 

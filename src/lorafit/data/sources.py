@@ -56,11 +56,20 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, object]]:
     if path.is_dir():
         return _dataset_rows(path)
     if path.suffix in _FILE_READERS:
-        return _FILE_READERS[path.suffix](path)
+        return _utf8_only(path, _FILE_READERS[path.suffix](path))
     raise DataError(
         f"{path}: unsupported file type '{path.suffix}'. Use .jsonl, .json, .csv, "
         "or a folder written by datasets' save_to_disk."
     )
+
+
+def _utf8_only(path: Path, rows: Iterator[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    """The rows of a text file, with a file that is not UTF-8 text (binary, Latin-1, ...) as a DataError."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as err:
+        fail(str(path), f"not UTF-8 text (byte {err.object[err.start]:#04x} cannot be decoded)",
+             "save the file as UTF-8 text: a data file is .jsonl, .json or .csv")
 
 
 def example_from_row(row: object, source: str, *, require_reply: bool = True) -> Example:

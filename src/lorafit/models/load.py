@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import struct
 import time
 import warnings
 from collections.abc import Collection
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
@@ -30,6 +31,11 @@ from lorafit.quant import QUANT_SCHEMES, Linear4bit, QuantizationError, check_sc
 
 FLOAT_CHECKPOINT = "float"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+# What reading a model's files raises when they are missing, truncated or not what they claim to be (a cut safetensors
+# or GGUF file fails inside its parser, as SafetensorError or struct.error).
+UNREADABLE = (OSError, ValueError, struct.error, SafetensorError)
 
 
 class ModelLoadError(UserError):
@@ -101,8 +107,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def _load_tokenizer(source: str, **kwargs) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
-        raise _load_error(source, err) from err
+    except UNREADABLE as err:
+        raise _load_error(_named(source, kwargs.get("gguf_file")), err) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -113,11 +119,16 @@ def _from_pretrained(source: str, gguf_file: str | None, dtype: torch.dtype) -> 
     tokenizer = _load_tokenizer(source, **kwargs)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as err:
-        raise _load_error(source, err) from err
+    except UNREADABLE as err:
+        raise _load_error(_named(source, gguf_file), err) from err
     if gguf_file:
         _clear_gguf_quantizer_marker(model)
     return model, tokenizer
+
+
+def _named(source: str, gguf_file: str | None) -> str:
+    """What an error names: the GGUF file itself, else the folder or hub id."""
+    return str(Path(source) / gguf_file) if gguf_file else source
 
 
 def _clear_gguf_quantizer_marker(model: PreTrainedModel) -> None:
@@ -217,7 +228,7 @@ def _load_nf4_streamed(source: str, shards: dict[str, Path], dtype: torch.dtype,
     """
     try:
         config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
+    except UNREADABLE as err:
         raise _load_error(source, err) from err
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lorafit.data import (
+    DataError,
     Example,
     TokenizeStats,
     collate,
@@ -31,9 +32,14 @@ class Dataset:
 
 
 def prepare_rows(path: str, tokenizer: Any, *, max_seq_len: int, packing: bool, assistant_only: bool) -> Dataset:
-    """Read, template, mask, truncate and (optionally) pack one data file."""
+    """Read, template, mask, truncate and (optionally) pack one data file. A file none of whose rows keeps a token
+    to train on within max_seq_len is an error: training on empty batches would change nothing and say nothing."""
     examples = read_examples(path)
     tokenized, stats = tokenize_examples(tokenizer, examples, assistant_only=assistant_only, max_seq_len=max_seq_len)
+    if not tokenized:
+        raise DataError(f"{path}: all {stats.examples} rows were dropped: none keeps a token to train on within "
+                        f"data.max_seq_len={max_seq_len} ({stats.truncated} cut by it); raise data.max_seq_len or "
+                        "shorten the rows.")
     rows: list[Any] = pack_examples(tokenized, max_seq_len) if packing else list(tokenized)
     return Dataset(rows=rows, stats=stats, examples=examples)
 

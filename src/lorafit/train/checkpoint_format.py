@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lorafit.adapters.io import non_finite
 from lorafit.errors import CheckpointError
-from lorafit.fileio import write_json_atomic
+from lorafit.fileio import write_json_atomic, write_safetensors
 from lorafit.run_dir import CHECKPOINT_MANIFEST as MANIFEST
 
 FORMAT_NAME = "lorafit-checkpoint"
@@ -39,7 +39,7 @@ def write_state(folder: Path, name: str, tree: Any) -> None:
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(tree, name, tensors)
     if tensors:
-        save_file(tensors, str(folder / f"{name}.safetensors"))
+        write_safetensors(folder / f"{name}.safetensors", tensors)
     write_json_atomic(folder / f"{name}.json", structure)
 
 

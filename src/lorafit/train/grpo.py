@@ -74,11 +74,12 @@ class Samples:
     rewards: torch.Tensor  # (N,) weighted total
 
 
-def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = False) -> RunResult:
+def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = False,
+          overwrite: bool = False) -> RunResult:
     """Run GRPO as `config` says; the adapter lands in OUTPUT/adapter (PEFT format)."""
     functions = load_rewards(config.rewards, config.grpo.reward_timeout_s)  # a missing file or function fails now,
     # before any weight loads; each call runs under grpo.reward_timeout_s
-    state = loop.begin_run(config, resume, trust_checkpoint)
+    state = loop.begin_run(config, resume, trust_checkpoint, overwrite=overwrite)
     result, t, g = state.result, config.training, config.grpo
     loop.load_base_model(state)
     model, tokenizer = state.model, state.tokenizer

@@ -90,12 +90,15 @@ class RunState:
             self.result.phases[key] = self.result.phases.get(key, 0.0) + self.last_s[key]
 
 
-def begin_run(config: RunConfig, resume: bool = False, trust_checkpoint: bool = False) -> RunState:
-    """Print the config checks, create the run folder, record the resolved config there and seed torch; large
-    freed host buffers go back to the OS at once (device.return_freed_host_memory), so RSS tracks what is used."""
+def begin_run(config: RunConfig, resume: bool = False, trust_checkpoint: bool = False, *,
+              overwrite: bool = False) -> RunState:
+    """Print the config checks, claim the run folder (RunDir.claim: the lock, and a previous run is continued only
+    with `resume` or replaced only with `overwrite`), record the resolved config there and seed torch; large freed
+    host buffers go back to the OS at once (device.return_freed_host_memory), so RSS tracks what is used."""
     return_freed_host_memory()
     print(format_checks(check_run_config(config)))
     folder = RunDir(config.output_dir)
+    folder.claim(resume=resume, overwrite=overwrite)
     folder.write_config(to_dict(config))
     torch.manual_seed(config.training.seed)
     return RunState(config=config, folder=folder, result=RunResult(output_dir=folder.path, steps=0), resume=resume,
@@ -233,4 +236,5 @@ def finish(state: RunState) -> RunResult:
     except Exception as err:  # noqa: BLE001 - the run's results are safe; the report is a view of them
         print(f"warning: the report could not be written ({type(err).__name__}: {err}); "
               f"retry with `lorafit report {state.folder.path}`.")
+    state.folder.release()
     return result

@@ -38,9 +38,10 @@ from lorafit.train.neftune import neftune_noise
 from lorafit.train.reference import StartWeights, reference_policy, reference_start
 
 
-def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = False) -> RunResult:
+def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = False,
+          overwrite: bool = False) -> RunResult:
     """Run supervised fine-tuning as `config` says; the adapter lands in OUTPUT/adapter (PEFT format)."""
-    state = loop.begin_run(config, resume, trust_checkpoint)
+    state = loop.begin_run(config, resume, trust_checkpoint, overwrite=overwrite)
     result, t, data = state.result, config.training, config.data
     loop.load_base_model(state)
     with state.timed("prepare_data"):
