@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from peak_memory import measure_peak_bytes
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_chat_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import lorafit
-from lorafit.diagnose.memory import measure_peak_bytes, nf4_bytes
+from lorafit.diagnose.memory import nf4_bytes
 from lorafit.models import load as load_module
 from lorafit.models import tensor_stream
 from lorafit.models.tensor_stream import SafetensorsStream, TensorStreamError
 from lorafit.quant import Linear4bit, quantize_nf4
-from tiny_models import tiny_chat_tokenizer
 
 
 @pytest.fixture(autouse=True)
