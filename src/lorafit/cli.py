@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from lorafit import distributed
     from lorafit.run_config import load_run_config
     from lorafit.train import grpo, sft
 
@@ -170,7 +171,8 @@ def _train(args: argparse.Namespace) -> int:
     trainer = grpo if config.method == "grpo" else sft
     result = trainer.train(config, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
     phases = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in result.phases.items())
-    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}; {phases}; results in {result.output_dir}")
+    distributed.print_main(f"done: {result.steps} steps, final loss {result.final_loss:.4f}; {phases}; "
+                           f"results in {result.output_dir}")
     return 0
 
 

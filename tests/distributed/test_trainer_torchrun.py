@@ -8,18 +8,15 @@ a second launch, `python -m torch.distributed.run ... -m lorafit train --resume`
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import torchrun
 from safetensors.torch import load_file
 from tiny_models import tiny_chat_tokenizer
 
-import lorafit
 from lorafit.adapters.io import WEIGHTS_NAME
 from lorafit.run_config import load_run_config
 from lorafit.run_dir import RunDir, read_metrics
@@ -40,21 +37,6 @@ STEPS = 4
 def overrides(base: str, out: Path, strategy: str | None = None) -> list[str]:
     extra = [f"output_dir={out}"] + (["quantize=nf4"] if base == "nf4" else [])
     return extra + ([f"distributed.strategy={strategy}"] if strategy else [])
-
-
-def two_process_env() -> dict[str, str]:
-    src = Path(lorafit.__file__).parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(HERE.parent), str(HERE)]), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    result = subprocess.run(command, env=two_process_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
-    return result
 
 
 @pytest.fixture(scope="module")

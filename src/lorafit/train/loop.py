@@ -32,6 +32,8 @@ from lorafit.adapters.prepare import prepare_model, quantize_at_load
 from lorafit.device import bf16_worthwhile, peak_memory_mib, reset_peak_memory
 from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, has_learning_curve
+from lorafit.diagnose.memory import estimate_memory
+from lorafit.diagnose.model_shape import ModelShapeError
 from lorafit.errors import UserError
 from lorafit.finish import finish_run
 from lorafit.models import load_model
@@ -204,16 +206,20 @@ def wrap_model(model: nn.Module, config: RunConfig) -> nn.Module:
     d = config.distributed
     if distributed.world_size() == 1:
         return distributed.wrap(model, "ddp" if d.strategy == "auto" else d.strategy)
-    strategy, why = distributed.choose_strategy(d.strategy, _one_process_bytes(config) if d.strategy == "auto" else 0,
-                                                distributed.device_memory_bytes())
+    if d.strategy != "auto":
+        strategy, why = distributed.choose_strategy(d.strategy, 0, 0)
+    else:
+        try:
+            strategy, why = distributed.choose_strategy("auto", _one_process_bytes(config),
+                                                        distributed.device_memory_bytes())
+        except ModelShapeError as err:  # e.g. a hub id whose config.json is not on disk
+            strategy, why = "ddp", f"no memory estimate ({err}); set distributed.strategy: fsdp if it does not fit"
     distributed.print_main(f"distributed strategy: {strategy} ({why}), {distributed.world_size()} processes")
     return distributed.wrap(model, strategy, reshard_after_forward=d.reshard_after_forward, cpu_offload=d.cpu_offload)
 
 
 def _one_process_bytes(config: RunConfig) -> int:
     """The memory estimator's total for this run on one process (lorafit.diagnose.memory)."""
-    from lorafit.diagnose.memory import estimate_memory  # the estimator reads the model's config only when asked
-
     t = config.training
     precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[config.dtype]
     estimate = estimate_memory(config.model, method="qlora" if config.quantize else "lora", r=config.adapter.r,
