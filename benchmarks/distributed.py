@@ -1,7 +1,7 @@
 """`lorafit train` on 1 vs 2 processes (torchrun, gloo) on this CPU, and the estimator's per-rank memory on 8 GPUs.
 
-Part 1 (measured): the same run file (SmolLM2-135M-Instruct by default, orders data, packed rows) trained for a
-few steps by the real trainer, once in 1 process and on 2 processes with DDP and with FSDP2, for an fp32 and an
+Part 1 (measured): the same run file (SmolLM2-135M-Instruct, or with --layers N a randomly initialised model of
+its shape with N blocks and its tokenizer, for a shared CPU; orders data, packed rows) trained for a few steps by the real trainer, once in 1 process and on 2 processes with DDP and with FSDP2, for an fp32 and an
 NF4 base. tokens/s is the median of the trainer's own per-step figure (the global step's tokens over its wall
 time, rank 0's metrics.jsonl) over the steps after the first; peak RSS is each rank's ru_maxrss at the end
 (model load included). The CPU threads are split between the ranks (2 cores: 1 process x 2 threads vs 2 x 1),
@@ -12,7 +12,7 @@ Part 2 (estimated, no weights loaded): lorafit.diagnose.memory for Llama-3-8B an
 config.json values), LoRA bf16 and QLoRA, on 1 GPU and per rank of 8 GPUs with DDP and FSDP — what
 `lorafit estimate-memory --model CONFIG --method qlora --gpus 8 --strategy fsdp` prints.
 
-Run: python benchmarks/distributed.py [--model smollm2-135m] [--steps 4] [--quick]
+Run: python benchmarks/distributed.py [--model smollm2-135m] [--layers 4] [--steps 4] [--quick]
 Writes benchmarks/results/distributed.json (not with --quick unless --out is given).
 """
 
@@ -57,6 +57,23 @@ def worker(argv: list[str]) -> None:
         print(MARK + json.dumps({"rank": distributed.rank(), "peak_rss_bytes": rss}), flush=True)
     finally:
         distributed.shutdown()
+
+
+def shallow_copy(model: str, layers: int, folder: Path) -> str:
+    """A model folder with `model`'s config and tokenizer but only `layers` blocks, randomly initialised (seed 0):
+    the same per-block work and communication pattern at a fraction of the time."""
+    from transformers import AutoModelForCausalLM
+
+    import lorafit
+
+    full, tokenizer = lorafit.load_model(model)  # for its config and tokenizer (a cached load takes about a second)
+    config = full.config
+    config.num_hidden_layers = layers
+    del full
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 def write_run(folder: Path, model: str, steps: int) -> Path:
@@ -109,6 +126,7 @@ def estimates() -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--layers", type=int, help="train a random model of --model's shape with this many blocks")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--bases", nargs="+", default=["fp32", "nf4"])
     parser.add_argument("--quick", action="store_true", help="2 steps, fp32 only, nothing written")
@@ -117,7 +135,8 @@ def main() -> None:
     steps, bases = (2, ["fp32"]) if args.quick else (args.steps, args.bases)
     measured = []
     with tempfile.TemporaryDirectory() as tmp:
-        run = write_run(Path(tmp), args.model, steps)
+        model = shallow_copy(args.model, args.layers, Path(tmp) / "model") if args.layers else args.model
+        run = write_run(Path(tmp), model, steps)
         for base in bases:
             for processes, strategy in ((1, None), (2, "ddp"), (2, "fsdp")):
                 result = measure(run, Path(tmp) / f"{base}-{processes}-{strategy}", processes, strategy, base)
@@ -137,7 +156,7 @@ def main() -> None:
                          [[e["model"], e["method"], e["gpus"], e["strategy"], e["weights_gb_per_rank"],
                            e["total_gb_per_rank"]] for e in planned]))
     out = args.out if args.out or args.quick else RESULTS_DIR / "distributed.json"
-    save_results({"model": args.model, "steps": steps, "measured": measured, "estimated": planned,
+    save_results({"model": args.model, "layers": args.layers, "steps": steps, "measured": measured, "estimated": planned,
                   "machine": machine_info(torch.device("cpu")), "load_average_end": load_average()}, out)
 
 
