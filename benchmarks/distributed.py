@@ -4,9 +4,10 @@ Part 1 (measured): the same run file (SmolLM2-135M-Instruct, or with --layers N 
 its shape with N blocks and its tokenizer, for a shared CPU; orders data, packed rows) trained for a few steps by the real trainer, once in 1 process and on 2 processes with DDP and with FSDP2, for an fp32 and an
 NF4 base. tokens/s is the median of the trainer's own per-step figure (the global step's tokens over its wall
 time, rank 0's metrics.jsonl) over the steps after the first; peak RSS is each rank's ru_maxrss at the end
-(model load included). The CPU threads are split between the ranks (2 cores: 1 process x 2 threads vs 2 x 1),
-so the ratio says what sharding/communication cost, not what a second device buys. On a shared CPU read the
-ratios, not the absolute numbers.
+(model load included). Every process runs one thread (OMP_NUM_THREADS=1), like one device per rank: the 2-process
+ratio is what a second core buys minus what sharding and gloo communication cost. (Two OpenMP threads in one
+process stall badly on a shared CPU, whose other load deschedules one of them.) Read the ratios, not the
+absolute numbers.
 
 Part 2 (estimated, no weights loaded): lorafit.diagnose.memory for Llama-3-8B and Llama-3-70B (their published
 config.json values), LoRA bf16 and QLoRA, on 1 GPU and per rank of 8 GPUs with DDP and FSDP — what
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import GB, RESULTS_DIR, available_cpus, load_average, machine_info, markdown_table, save_results
+from common import GB, RESULTS_DIR, load_average, machine_info, markdown_table, save_results
 
 from lorafit.diagnose.memory import estimate_memory
 from lorafit.diagnose.model_shape import LLAMA_3_8B, ModelShape
@@ -91,8 +92,8 @@ evaluation: {{generation: false}}
 def measure(run: Path, out: Path, processes: int, strategy: str | None, base: str) -> dict[str, Any]:
     overrides = [f"output_dir={out}"] + (["quantize=nf4"] if base == "nf4" else [])
     overrides += [f"distributed.strategy={strategy}"] if strategy else []
-    threads = max(1, available_cpus() // processes)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")])}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     launcher = [sys.executable] if processes == 1 else \
@@ -106,7 +107,7 @@ def measure(run: Path, out: Path, processes: int, strategy: str | None, base: st
                            + proc.stdout[-3000:])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     speeds = [r["tokens_per_s"] for r in rows[1:]] or [rows[-1]["tokens_per_s"]]
-    return {"processes": processes, "strategy": strategy or "none", "base": base, "threads_per_process": threads,
+    return {"processes": processes, "strategy": strategy or "none", "base": base, "threads_per_process": 1,
             "tokens_per_s": statistics.median(speeds), "losses": [r["loss"] for r in rows],
             "peak_rss_mib_per_rank": [round(r["peak_rss_bytes"] / 2**20, 1) for r in ranks]}
 
