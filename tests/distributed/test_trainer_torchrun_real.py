@@ -37,4 +37,7 @@ distributed: {{strategy: fsdp, timeout_minutes: 10}}
     assert sorted(a) == sorted(b) and len(a) == 30 * 7 * 2
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"max |adapter 2 processes - 1 process| = {diff:.1e}")
-    assert diff <= 1e-5
+    # Not 1e-5 here: AdamW moves each weight by about lr x g / |g| per step, so a gradient component near 0 whose
+    # sign depends on the summation order (2 ranks vs 1) moves by up to 2 x lr the other way. Measured: 1.3e-3
+    # (lr 1e-3, 2 steps) while the losses agree to 6e-7. The tiny-model tests check the adapter at 1e-5.
+    assert diff <= 2 * 1e-3 * 2
