@@ -48,6 +48,7 @@ from common import (
 from peak_memory import measure_peak_bytes
 
 import lorafit
+from lorafit import distributed
 from lorafit.diagnose.memory import estimate_memory
 from lorafit.diagnose.model_shape import model_shape
 from lorafit.train.batches import MicroBatch
@@ -125,12 +126,13 @@ def measure(name: str, steps: int, allocator: str) -> dict[str, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR)
     batch = random_micro_batch(setting, model.config.vocab_size)
+    wrapped = distributed.wrap(model, "ddp")  # one process: a plain Runner, as `lorafit train` runs it
     rss_loaded = current_rss_bytes()
 
     def run_steps() -> list[float]:
         losses = []
         for _ in range(steps):
-            loss, _ = train_step(model, [batch], torch.device("cpu"), use_bf16=False)
+            loss, _ = train_step(wrapped, [batch], torch.device("cpu"), use_bf16=False)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss)

@@ -30,6 +30,14 @@ def test_loads_and_applies_overrides(tmp_path):
     assert config.data.packing is False
 
 
+def test_distributed_defaults_and_overrides(tmp_path):
+    default = load_run_config(write(tmp_path)).distributed
+    assert (default.strategy, default.reshard_after_forward, default.cpu_offload, default.timeout_minutes) == \
+        ("auto", True, False, 30.0)
+    chosen = load_run_config(write(tmp_path), ["distributed.strategy=fsdp", "distributed.timeout_minutes=5"])
+    assert chosen.distributed.strategy == "fsdp" and chosen.distributed.timeout_minutes == 5.0
+
+
 def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     assert load_run_config(write(tmp_path)).training.lr == 1e-3
 
@@ -46,6 +54,10 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
         ("training.micro_batch_size=3", "must divide training.batch_size=16"),
         ("evaluation.metric=bleu", "evaluation.metric='bleu'"),
         ("training.compile=fast", "training.compile='fast'"),
+        ("distributed.strategy=zero3", "distributed.strategy='zero3': use one of auto, ddp, fsdp"),
+        ("distributed.timeout_minutes=0", "distributed.timeout_minutes=0.0 must be a positive"),
+        ("distributed.cpu_offload=maybe", "distributed.cpu_offload='maybe' should be bool"),
+        ("distributed.strategi=ddp", "did you mean 'strategy'"),
     ],
 )
 def test_errors_name_the_key(tmp_path, override, needle):

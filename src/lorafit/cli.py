@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from lorafit import distributed
     from lorafit.run_config import load_run_config
     from lorafit.run_dir import RunDir
     from lorafit.train import grpo, sft
@@ -204,7 +205,8 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         RunDir(config.output_dir).release()  # a run that failed frees its folder (only a lock of this process)
     phases = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in result.phases.items())
-    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}; {phases}; results in {result.output_dir}")
+    distributed.print_main(f"done: {result.steps} steps, final loss {result.final_loss:.4f}; {phases}; "
+                           f"results in {result.output_dir}")
     return 0
 
 

@@ -307,6 +307,12 @@ def wrap(model: nn.Module, strategy: str, *, reshard_after_forward: bool = True,
     return runner
 
 
+def holds_full_model(wrapped: nn.Module) -> bool:
+    """Whether this rank holds every weight whole (one process, or a DDP replica), so it can run the model on its
+    own (e.g. generate its share of replies); False under FSDP, where weights are sharded."""
+    return not any(isinstance(p, DTensor) for p in unwrap(wrapped).parameters())
+
+
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks: the items of the nn.ModuleList holding most parameters (model.model.layers in Llama)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
@@ -357,12 +363,19 @@ def save_adapter(wrapped: nn.Module, path: str | Path, **kwargs: Any) -> Path:
     """Gather the adapter from every rank's shards and write it on rank 0 in PEFT's format (adapters.io.save_adapter);
     the other ranks write nothing and wait until the folder is complete. Every rank must call it."""
     model = unwrap(wrapped)
-    names = set(adapter_io.adapter_parameter_names(model))
-    parameters = gather_full_state_dict(model, names.__contains__)
+    parameters = gather_adapter(model)
     if parameters is not None:
         adapter_io.save_adapter(model, path, parameters=parameters, **kwargs)
     barrier()
     return Path(path)
+
+
+def gather_adapter(wrapped: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The adapter's parameters (name -> full CPU tensor, every rank's shard included) on rank 0; None elsewhere.
+    Every rank must call it."""
+    model = unwrap(wrapped)
+    names = set(adapter_io.adapter_parameter_names(model))
+    return gather_full_state_dict(model, names.__contains__)
 
 
 def full_optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ METHODS = ("sft", "grpo", "dpo")
 METHOD_SECTIONS = {"grpo": ("rewards", "grpo"), "dpo": ("dpo",)}  # sections that only the named method reads
 DPO_LOSSES = ("sigmoid", "ipo")
 QUANTIZE = (None, *QUANT_SCHEMES)
+DISTRIBUTED_STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 @dataclass
@@ -124,6 +125,17 @@ class DPOConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How a torchrun launch (several processes) trains; a 1-process run ignores it. training.batch_size stays the
+    global batch: each process takes its share of every step's rows."""
+
+    strategy: str = "auto"  # ddp replicates the model, fsdp shards it; auto: fsdp when it does not fit one device
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward (less memory)
+    cpu_offload: bool = False  # fsdp: keep shards, gradients and the optimizer step on the CPU
+    timeout_minutes: float = 30.0  # a collective waiting longer (a rank died or hangs) ends every rank with an error
+
+
+@dataclass
 class RunConfig:
     """A whole run: base model, adapter, data, training, evaluation and where results go."""
 
@@ -141,6 +153,7 @@ class RunConfig:
     rewards: list[RewardSpec] = field(default_factory=list)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rewards, list):
@@ -272,6 +285,7 @@ def validate(config: RunConfig) -> None:
         _validate_grpo(config)
     if config.method == "dpo":
         _validate_dpo(config.dpo)
+    _validate_distributed(config.distributed)
     defaults = RunConfig()
     for method, sections in METHOD_SECTIONS.items():
         if method != config.method and any(getattr(config, s) != getattr(defaults, s) for s in sections):
@@ -322,6 +336,15 @@ def method_keys(config: dict[str, Any]) -> dict[str, Any]:
     method = config.get("method") or RunConfig.method
     unused = {s for m, sections in METHOD_SECTIONS.items() if m != method for s in sections}
     return {key: value for key, value in config.items() if key not in unused}
+
+
+def _validate_distributed(d: DistributedConfig) -> None:
+    if d.strategy not in DISTRIBUTED_STRATEGIES:
+        raise ConfigError(f"distributed.strategy={d.strategy!r}: use one of {', '.join(DISTRIBUTED_STRATEGIES)} "
+                          "(auto: fsdp when the model does not fit one device, else ddp).")
+    if not 0 < d.timeout_minutes < float("inf"):
+        raise ConfigError(f"distributed.timeout_minutes={d.timeout_minutes!r} must be a positive, finite number of "
+                          "minutes (default 30).")
 
 
 def _validate_dpo(d: DPOConfig) -> None:

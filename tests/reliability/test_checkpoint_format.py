@@ -18,6 +18,7 @@ from lorafit.errors import CheckpointError, UserError
 from lorafit.train.checkpoint import (
     LEGACY_STATE_FILE,
     TrainerState,
+    gather_training_state,
     load_checkpoint,
     newest_valid_checkpoint,
     read_checkpoint,
@@ -137,7 +138,7 @@ def test_checkpoint_restores_adapter_optimizer_scheduler_and_rng(tmp_path):
     model, optimizer, scheduler = make_run()
     torch.manual_seed(11)
     random.seed(12)
-    target = write_checkpoint(tmp_path / "step-00000003", model, optimizer, scheduler, TrainerState(3, 120))
+    target = write_checkpoint(tmp_path / "step-00000003", model, *gather_training_state(model, optimizer), scheduler, TrainerState(3, 120))
     expected = (torch.rand(5), random.random(), torch.randint(0, 1000, (3,)))
     assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
         "adapter/adapter_config.json", "adapter/adapter_model.safetensors", MANIFEST, "optimizer.json",
@@ -157,7 +158,7 @@ def test_checkpoint_restores_adapter_optimizer_scheduler_and_rng(tmp_path):
 
 def test_a_checkpoint_of_another_schedule_is_refused(tmp_path):
     model, optimizer, scheduler = make_run(total=10)
-    target = write_checkpoint(tmp_path / "step-00000003", model, optimizer, scheduler, TrainerState(3, 0))
+    target = write_checkpoint(tmp_path / "step-00000003", model, *gather_training_state(model, optimizer), scheduler, TrainerState(3, 0))
     twin, twin_optimizer, twin_scheduler = make_run(steps=0, total=20)
     with pytest.raises(CheckpointError, match=r"scheduler.json.*schedule.*total_steps': 10.*total_steps': 20"):
         load_checkpoint(target, twin, twin_optimizer, twin_scheduler)
@@ -166,7 +167,7 @@ def test_a_checkpoint_of_another_schedule_is_refused(tmp_path):
 @pytest.fixture
 def checkpoint(tmp_path) -> Path:
     model, optimizer, scheduler = make_run()
-    return write_checkpoint(tmp_path / "checkpoints" / "step-00000003", model, optimizer, scheduler, TrainerState(3, 0))
+    return write_checkpoint(tmp_path / "checkpoints" / "step-00000003", model, *gather_training_state(model, optimizer), scheduler, TrainerState(3, 0))
 
 
 def _add_manifest_entry(folder: Path, name: str) -> None:
@@ -245,8 +246,8 @@ def test_restore_leaves_nothing_changed_when_the_checkpoint_is_bad(checkpoint):
 
 def test_fallback_to_the_previous_checkpoint_with_a_warning(tmp_path):
     model, optimizer, scheduler = make_run()
-    older = write_checkpoint(tmp_path / "step-00000002", model, optimizer, scheduler, TrainerState(2, 0))
-    newer = write_checkpoint(tmp_path / "step-00000004", model, optimizer, scheduler, TrainerState(4, 0))
+    older = write_checkpoint(tmp_path / "step-00000002", model, *gather_training_state(model, optimizer), scheduler, TrainerState(2, 0))
+    newer = write_checkpoint(tmp_path / "step-00000004", model, *gather_training_state(model, optimizer), scheduler, TrainerState(4, 0))
     assert newest_valid_checkpoint([older, newer]).trainer.step == 4
     _flip_last_byte(newer / "optimizer.safetensors")
     with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-00000004.*optimizer.safetensors does not match"):
@@ -273,7 +274,7 @@ class _Bomb:
 
 def _legacy_checkpoint(folder: Path, payload) -> Path:
     model, optimizer, scheduler = make_run()
-    write_checkpoint(folder, model, optimizer, scheduler, TrainerState(3, 0))
+    write_checkpoint(folder, model, *gather_training_state(model, optimizer), scheduler, TrainerState(3, 0))
     (folder / MANIFEST).unlink()
     torch.save(payload, folder / LEGACY_STATE_FILE)
     return folder

@@ -6,6 +6,7 @@ import torch
 from tiny_models import build_tiny, randomize_adapters
 
 import lorafit
+from lorafit import distributed
 from lorafit.data import TokenizedExample
 from lorafit.train.batches import fixed_batches
 from lorafit.train.sft import train_step
@@ -29,10 +30,11 @@ def test_four_micro_batches_of_one_equal_one_batch_of_four():
     model.train()
     device = torch.device("cpu")
 
-    loss_one, tokens_one = train_step(model, fixed_batches(rows, 4, pad_token_id=0), device, use_bf16=False)
+    wrapped = distributed.wrap(model, "ddp")  # one process: a plain Runner, as the trainer runs it
+    loss_one, tokens_one = train_step(wrapped, fixed_batches(rows, 4, pad_token_id=0), device, use_bf16=False)
     one_batch = _grads(model)
     model.zero_grad(set_to_none=True)
-    loss_acc, tokens_acc = train_step(model, fixed_batches(rows, 1, pad_token_id=0), device, use_bf16=False)
+    loss_acc, tokens_acc = train_step(wrapped, fixed_batches(rows, 1, pad_token_id=0), device, use_bf16=False)
     accumulated = _grads(model)
 
     assert tokens_one == tokens_acc == sum(lengths)

@@ -6,6 +6,7 @@ import torch
 from tiny_models import build_tiny, randomize_adapters
 
 import lorafit
+from lorafit import distributed
 from lorafit.data import TokenizedExample
 from lorafit.train.batches import fixed_batches
 from lorafit.train.sft import train_step
@@ -20,7 +21,8 @@ def _step(checkpointing: bool):
     model.train()
     rows = [TokenizedExample(list(range(5, 17)), [-100] * 4 + list(range(9, 17)), False, "a")]
     torch.manual_seed(11)
-    loss, _ = train_step(model, fixed_batches(rows, 1, pad_token_id=0), torch.device("cpu"), use_bf16=False)
+    wrapped = distributed.wrap(model, "ddp")  # one process: a plain Runner, as the trainer runs it
+    loss, _ = train_step(wrapped, fixed_batches(rows, 1, pad_token_id=0), torch.device("cpu"), use_bf16=False)
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -57,12 +57,6 @@ class MicroBatch:
     targets: int
 
 
-def step_micro_batches(rows: list[Any], step: int, *, batch_size: int, micro_batch_size: int, seed: int,
-                       pad_token_id: int) -> list[MicroBatch]:
-    """The micro-batches of optimiser step `step` (its rows per `step_rows`)."""
-    return fixed_batches(step_rows(rows, step, batch_size=batch_size, seed=seed), micro_batch_size, pad_token_id)
-
-
 def step_rows(rows: list[Any], step: int, *, batch_size: int, seed: int) -> list[Any]:
     """The rows of optimiser step `step`: epoch e shuffles rows with seed+e, so any step can be rebuilt (resume)."""
     epoch, index = divmod(step, steps_per_epoch(len(rows), batch_size))

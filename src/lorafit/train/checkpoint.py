@@ -10,6 +10,12 @@ damaged checkpoint is refused before any model or optimiser state changes and an
 instead (`newest_valid_checkpoint`). Pickled checkpoints of earlier versions (trainer_state.pt) can run code
 when loaded; they are read only when the user says they trust them.
 Where checkpoints live, their step-N names, listing and pruning belong to the run folder (lorafit.run_dir).
+
+The same files for 1 or N processes (lorafit.distributed): the adapter gathered from every rank's shards and
+the optimizer state keyed by parameter name with full tensors, so a checkpoint resumes on any number of
+processes and with either strategy. Every rank gathers (a collective); rank 0 alone writes. Resuming loads the
+adapter into the model before it is wrapped (restore_adapter) and the optimizer state after the optimizer is
+built over the wrapped model's parameters (restore_training_state).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafit import distributed
 from lorafit.adapters.io import AdapterFileError, load_adapter_tensors, read_adapter_weights, save_adapter
 from lorafit.errors import CheckpointError
 from lorafit.fileio import atomic_directory, write_json_atomic
@@ -43,8 +50,9 @@ TRAINER_FILE = "trainer_state.json"
 _REQUIRED = [f"{ADAPTER_DIR}/adapter_model.safetensors", f"{ADAPTER_DIR}/adapter_config.json", "optimizer.json",
              "scheduler.json", "rng.json", "rng.safetensors", TRAINER_FILE]
 
-__all__ = ["CheckpointError", "CheckpointContents", "TrainerState", "load_checkpoint",
-           "newest_valid_checkpoint", "read_checkpoint", "restore_checkpoint", "save_checkpoint", "write_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointContents", "TrainerState", "gather_training_state", "load_checkpoint",
+           "newest_valid_checkpoint", "read_checkpoint", "restore_adapter", "restore_checkpoint",
+           "restore_training_state", "save_checkpoint", "write_checkpoint"]
 
 
 @dataclass
@@ -67,21 +75,37 @@ class CheckpointContents:
     trainer: TrainerState
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+def save_checkpoint(run_dir: Path, wrapped: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     state: TrainerState, keep: int) -> Path:
-    """Write the run folder's checkpoint of step state.step atomically, then delete all but the newest `keep`."""
+    """Write the run folder's checkpoint of step state.step atomically, then delete all but the newest `keep`.
+
+    Every rank must call it: each gathers (gather_training_state); rank 0 writes and prunes while the others
+    wait, so no rank goes on before the checkpoint is complete."""
     run = RunDir(run_dir)
-    target = write_checkpoint(run.checkpoint_path(state.step), model, optimizer, scheduler, state)
-    run.prune_checkpoints(keep)
+    target = run.checkpoint_path(state.step)
+    adapter, optimizer_state = gather_training_state(wrapped, optimizer)
+    if distributed.is_main():
+        write_checkpoint(target, distributed.unwrap(wrapped), adapter, optimizer_state, scheduler, state)
+        run.prune_checkpoints(keep)
+    distributed.barrier()
     return target
 
 
-def write_checkpoint(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     state: TrainerState) -> Path:
-    """Write a checkpoint folder at `target` atomically: every file, then the manifest, fsync, rename."""
+def gather_training_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+    """(adapter parameters by name, optimizer state by parameter name), full tensors on the CPU, on rank 0;
+    (None, None) on the others. A collective: every rank calls it."""
+    return distributed.gather_adapter(wrapped), distributed.full_optimizer_state(wrapped, optimizer)
+
+
+def write_checkpoint(target: Path, model: nn.Module, adapter: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                     scheduler: Any, state: TrainerState) -> Path:
+    """Write a checkpoint folder at `target` atomically: every file, then the manifest, fsync, rename.
+
+    model: the unwrapped model (its adapter config); adapter and optimizer_state as gather_training_state gives
+    them on rank 0."""
     with atomic_directory(target) as tmp:
-        save_adapter(model, tmp / ADAPTER_DIR, convert_pissa=False)  # resume needs the residual form
-        write_state(tmp, "optimizer", optimizer.state_dict())
+        save_adapter(model, tmp / ADAPTER_DIR, convert_pissa=False, parameters=adapter)  # resume: residual form
+        write_state(tmp, "optimizer", optimizer_state)
         write_state(tmp, "scheduler", scheduler.state_dict())
         write_state(tmp, "rng", _rng_state())
         write_json_atomic(tmp / TRAINER_FILE, asdict(state))
@@ -115,21 +139,57 @@ def read_checkpoint(path: Path, *, trust_checkpoint: bool = False) -> Checkpoint
 
 def restore_checkpoint(saved: CheckpointContents, model: nn.Module, optimizer: torch.optim.Optimizer,
                        scheduler: Any) -> TrainerState:
-    """Put a read checkpoint into model, optimiser, scheduler and the RNGs; return the trainer state.
+    """Put a read checkpoint into an unwrapped model, its optimiser, scheduler and the RNGs (one process);
+    return the trainer state. A trainer that wraps the model calls the two halves around the wrap."""
+    restore_adapter(saved, model)
+    return restore_training_state(saved, model, optimizer, scheduler)
+
+
+def restore_adapter(saved: CheckpointContents, model: nn.Module) -> None:
+    """Copy the checkpoint's adapter into the model, before it is wrapped for several processes (FSDP2 replaces
+    the parameters by shards; DDP and FSDP2 then start every rank from rank 0's values)."""
+    _fits(saved, lambda: load_adapter_tensors(model, saved.adapter, saved.path / ADAPTER_DIR))
+
+
+def restore_training_state(saved: CheckpointContents, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: Any) -> TrainerState:
+    """Load optimiser (each rank keeps its shard), scheduler and RNG state, after the optimiser was built over the
+    wrapped model's parameters; return the trainer state. Every rank must call it.
 
     A checkpoint that does not fit this run (other adapter shape, parameter count or schedule) is a
     CheckpointError: resuming it would silently train something else.
     """
     _check_scheduler_state(saved, scheduler)
-    try:
-        load_adapter_tensors(model, saved.adapter, saved.path / ADAPTER_DIR)
-        optimizer.load_state_dict(saved.optimizer)
-        scheduler.load_state_dict(saved.scheduler)
-    except (ValueError, KeyError) as err:  # AdapterFileError is a ValueError
-        raise CheckpointError(f"{saved.path} does not fit this run ({err}); resume with the settings that wrote it, "
-                              "or start a new run in another output_dir.") from err
+    state = _by_name(saved.optimizer, distributed.unwrap(wrapped), optimizer)
+    _fits(saved, lambda: distributed.load_full_optimizer_state(wrapped, optimizer, state))
+    _fits(saved, lambda: scheduler.load_state_dict(saved.scheduler))
     _set_rng_state(saved.rng)
     return TrainerState(**asdict(saved.trainer))
+
+
+def _fits(saved: CheckpointContents, load: Any) -> None:
+    try:
+        load()
+    except (ValueError, KeyError) as err:  # AdapterFileError and ConfigError are ValueErrors
+        raise CheckpointError(f"{saved.path} does not fit this run ({err}); resume with the settings that wrote it, "
+                              "or start a new run in another output_dir.") from err
+
+
+def _by_name(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name. Checkpoints of lorafit before multi-process training key it
+    by position (optimizer.state_dict()); positions follow the optimizer's parameters, named from the model."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not groups or not all(isinstance(i, int) for g in groups for i in g.get("params", [])):
+        return state
+    names = {id(p): name for name, p in model.named_parameters()}
+    ordered = [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+    positions = [i for g in groups for i in g["params"]]
+    if len(positions) != len(ordered):
+        raise CheckpointError(f"the optimizer state holds {len(positions)} parameters but this run trains "
+                              f"{len(ordered)}; resume with the settings that wrote it.")
+    rename = dict(zip(positions, ordered))
+    return {"state": {rename[i]: s for i, s in state.get("state", {}).items()},
+            "param_groups": [dict(g, params=[rename[i] for i in g["params"]]) for g in groups]}
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,

@@ -4,6 +4,11 @@ and the end of a run (adapter, summary, diagnosis + report).
 Each trainer's `train()` is the recipe, read top to bottom: `begin_run` (a RunState), setup (model, data, adapter,
 optimisation), the loop (`end_step` after each step), then `finish`. Only the pieces that must not drift apart
 (clipping, the optimiser/scheduler step, when to log and checkpoint, resume, timings) live here once.
+
+The same code runs on 1 or N processes (torchrun; lorafit.distributed): begin_run joins the process group,
+the model loads onto this rank's device, start_training wraps it (DDP or FSDP2; a plain Runner in a world of
+one) and builds the optimiser over the wrapped parameters; rank 0 alone prints, draws progress and writes the
+run folder, and every collective (checkpoint and adapter gathers) is entered by every rank.
 """
 
 from __future__ import annotations
@@ -20,18 +25,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorafit.adapters.io import read_adapter_config, save_adapter
+from lorafit import distributed
+from lorafit.adapters.io import read_adapter_config
 from lorafit.adapters.model import parameter_report
 from lorafit.adapters.prepare import prepare_model, quantize_at_load
 from lorafit.device import bf16_worthwhile, peak_memory_mib, reset_peak_memory, return_freed_host_memory
 from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, has_learning_curve
+from lorafit.diagnose.memory import estimate_memory
+from lorafit.diagnose.model_shape import ModelShapeError
 from lorafit.errors import UserError
 from lorafit.finish import finish_run
 from lorafit.models import load_model
 from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, to_dict
 from lorafit.run_dir import MetricsLog, RunDir
-from lorafit.train.checkpoint import TrainerState, newest_valid_checkpoint, restore_checkpoint, save_checkpoint
+from lorafit.train.checkpoint import (
+    TrainerState,
+    newest_valid_checkpoint,
+    restore_adapter,
+    restore_training_state,
+    save_checkpoint,
+)
 from lorafit.train.compile import compile_blocks
 from lorafit.train.optimizers import make_optimizer
 from lorafit.train.schedule import make_scheduler
@@ -67,7 +81,8 @@ class RunState:
     config: RunConfig
     folder: RunDir
     result: RunResult
-    model: Any = None
+    model: Any = None  # the model itself (unwrapped): names, adapter config, generation
+    wrapped: Any = None  # what start_training's distributed.wrap made of it: run forward passes through it
     tokenizer: Any = None
     opt: Optimisation | None = None
     trainer: TrainerState = field(default_factory=TrainerState)
@@ -92,14 +107,18 @@ class RunState:
 
 def begin_run(config: RunConfig, resume: bool = False, trust_checkpoint: bool = False, *,
               overwrite: bool = False) -> RunState:
-    """Print the config checks, claim the run folder (RunDir.claim: the lock, and a previous run is continued only
-    with `resume` or replaced only with `overwrite`), record the resolved config there and seed torch; large freed
-    host buffers go back to the OS at once (device.return_freed_host_memory), so RSS tracks what is used."""
+    """Join the process group (under torchrun), print the config checks, claim the run folder on rank 0
+    (RunDir.claim: the lock, and a previous run is continued only with `resume` or replaced only with
+    `overwrite`), record the resolved config there (rank 0) and seed torch (the same seed on every rank); large
+    freed host buffers go back to the OS at once (device.return_freed_host_memory), so RSS tracks what is used."""
     return_freed_host_memory()
-    print(format_checks(check_run_config(config)))
+    distributed.init(timeout_minutes=config.distributed.timeout_minutes, cpu_offload=config.distributed.cpu_offload)
+    distributed.print_main(format_checks(check_run_config(config)))
     folder = RunDir(config.output_dir)
-    folder.claim(resume=resume, overwrite=overwrite)
-    folder.write_config(to_dict(config))
+    if distributed.is_main():
+        folder.claim(resume=resume, overwrite=overwrite)
+        folder.write_config(to_dict(config))
+    distributed.barrier()  # the other ranks read the folder only once rank 0 has claimed it
     torch.manual_seed(config.training.seed)
     return RunState(config=config, folder=folder, result=RunResult(output_dir=folder.path, steps=0), resume=resume,
                     trust_checkpoint=trust_checkpoint)
@@ -112,7 +131,7 @@ def load_base_model(state: RunState) -> None:
     with state.timed("load_model"):
         quantize = quantize_at_load(_adapter_init(config), config.quantize)
         state.model, state.tokenizer = load_model(config.model, dtype=DTYPES[config.dtype], quantize=quantize,
-                                                  double_quant=config.double_quant)
+                                                  double_quant=config.double_quant, device=distributed.context().device)
 
 
 def attach_adapter(model: nn.Module, config: RunConfig) -> None:
@@ -123,8 +142,8 @@ def attach_adapter(model: nn.Module, config: RunConfig) -> None:
     prepare_model(model, config.init_adapter or config.adapter, quantize=config.quantize,
                   double_quant=config.double_quant, warn_scale=False)  # the config checks have said it already
     if config.init_adapter:
-        print(f"adapter initialised from {config.init_adapter}")
-    print(parameter_report(model))
+        distributed.print_main(f"adapter initialised from {config.init_adapter}")
+    distributed.print_main(parameter_report(model))
     if config.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.training.compile:
@@ -156,7 +175,7 @@ class Optimisation:
 
     def step(self, max_grad_norm: float | None) -> tuple[float, float]:
         """Clip, take one optimiser and schedule step, clear the gradients; return (grad norm, lr used)."""
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm if max_grad_norm else float("inf")))
+        grad_norm = distributed.clip_grad_norm(self.params, max_grad_norm if max_grad_norm else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -165,23 +184,61 @@ class Optimisation:
 
 
 def start_training(state: RunState, total_steps: int, updates_per_step: int = 1) -> None:
-    """The optimiser and its schedule over total_steps x updates_per_step optimiser steps; restore the newest checkpoint when
-    resuming (metrics past it are dropped), else start a fresh metrics log; the live loss-curve monitor for methods
-    whose loss is a learning curve; a fresh peak-memory window for the first step."""
+    """Wrap the model for this many processes, the optimiser and its schedule over total_steps x updates_per_step
+    optimiser steps; restore the newest checkpoint when resuming (metrics past it are dropped), else start a fresh
+    metrics log; the live loss-curve monitor for methods whose loss is a learning curve; a fresh peak-memory
+    window for the first step.
+
+    Order (FSDP2 replaces parameters by shards when it wraps): the checkpoint's adapter goes into the model
+    before the wrap, the optimiser is built over the wrapped parameters and its state loaded after. Every rank
+    reads the checkpoint (under several machines, output_dir must be on storage they share)."""
     config = state.config
     state.total_steps = total_steps
-    state.opt = make_optimisation(state.model, config.training, total_steps * updates_per_step)
-    state.log = state.folder.metrics_log()
     checkpoints = state.folder.list_checkpoints() if state.resume else []
-    if saved := newest_valid_checkpoint(checkpoints, trust_checkpoint=state.trust_checkpoint):
-        state.trainer = restore_checkpoint(saved, state.model, state.opt.optimizer, state.opt.scheduler)
-        print(f"resumed from {saved.path} at step {state.trainer.step}")
-    state.log.truncate_after(state.trainer.step)
+    saved = newest_valid_checkpoint(checkpoints, trust_checkpoint=state.trust_checkpoint)
+    if saved:
+        restore_adapter(saved, state.model)
+    state.wrapped = wrap_model(state.model, config)
+    state.opt = make_optimisation(state.model, config.training, total_steps * updates_per_step)
+    if saved:
+        state.trainer = restore_training_state(saved, state.wrapped, state.opt.optimizer, state.opt.scheduler)
+        distributed.print_main(f"resumed from {saved.path} at step {state.trainer.step}")
+    state.log = state.folder.metrics_log()
+    if distributed.is_main():
+        state.log.truncate_after(state.trainer.step)
     state.result.steps = state.trainer.step
     if has_learning_curve(config.method):
         state.monitor = CurveMonitor(to_dict(config))  # warns live the first time a loss-curve pattern shows
     state.model.train()
-    reset_peak_memory(state.model.device)
+    reset_peak_memory(distributed.context().device)
+
+
+def wrap_model(model: nn.Module, config: RunConfig) -> nn.Module:
+    """distributed.wrap with the config's strategy; `auto` picks fsdp when the memory estimate of one process
+    exceeds one device, else ddp, and rank 0 says which and why. In a world of one: no DDP/FSDP."""
+    d = config.distributed
+    if distributed.world_size() == 1:
+        return distributed.wrap(model, "ddp" if d.strategy == "auto" else d.strategy)
+    if d.strategy != "auto":
+        strategy, why = distributed.choose_strategy(d.strategy, 0, 0)
+    else:
+        try:
+            strategy, why = distributed.choose_strategy("auto", _one_process_bytes(config),
+                                                        distributed.device_memory_bytes())
+        except ModelShapeError as err:  # e.g. a hub id whose config.json is not on disk
+            strategy, why = "ddp", f"no memory estimate ({err}); set distributed.strategy: fsdp if it does not fit"
+    distributed.print_main(f"distributed strategy: {strategy} ({why}), {distributed.world_size()} processes")
+    return distributed.wrap(model, strategy, reshard_after_forward=d.reshard_after_forward, cpu_offload=d.cpu_offload)
+
+
+def _one_process_bytes(config: RunConfig) -> int:
+    """The memory estimator's total for this run on one process (lorafit.diagnose.memory)."""
+    t = config.training
+    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[config.dtype]
+    estimate = estimate_memory(config.model, method="qlora" if config.quantize else "lora", r=config.adapter.r,
+                               batch=t.micro_batch_size or t.batch_size, seq=config.data.max_seq_len,
+                               grad_checkpointing=t.gradient_checkpointing, precision=precision)
+    return int(estimate.total)
 
 
 def make_optimisation(model: nn.Module, t: TrainingConfig, total_updates: int) -> Optimisation:
@@ -204,26 +261,36 @@ def end_step(state: RunState, row: dict[str, Any], force_log: bool = False) -> N
     time a pattern (spike, plateau, ...) shows. result.steps counts the steps done."""
     t, step = state.config.training, state.trainer.step
     if step % t.log_every == 0 or force_log or step == state.total_steps:
-        row.update(peak_memory_mib(state.model.device))
-        reset_peak_memory(state.model.device)
-        state.log.append(row)
-        for finding in state.monitor.observe(row) if state.monitor else []:
-            tqdm.write(f"diagnosis at step {step}: {finding.pattern}: {finding.advice}")
+        device = distributed.context().device
+        row.update(peak_memory_mib(device))  # this rank's (rank 0's in the log)
+        reset_peak_memory(device)
+        if distributed.is_main():
+            state.log.append(row)
+            for finding in state.monitor.observe(row) if state.monitor else []:
+                tqdm.write(f"diagnosis at step {step}: {finding.pattern}: {finding.advice}")
     if t.save_every and step % t.save_every == 0 and step < state.total_steps:
-        save_checkpoint(state.folder.path, state.model, state.opt.optimizer, state.opt.scheduler, state.trainer,
+        save_checkpoint(state.folder.path, state.wrapped, state.opt.optimizer, state.opt.scheduler, state.trainer,
                         t.keep_checkpoints)
     state.result.steps = step
 
 
 def save_final_adapter(state: RunState) -> None:
-    """Write the trained adapter to OUTPUT/adapter (PEFT format)."""
-    save_adapter(state.model, state.folder.adapter, base_model_name_or_path=state.config.model)
-    print(f"adapter saved to {state.folder.adapter}")
+    """Write the trained adapter to OUTPUT/adapter (PEFT format): gathered from every rank, written by rank 0."""
+    distributed.save_adapter(state.wrapped, state.folder.adapter, base_model_name_or_path=state.config.model)
+    distributed.print_main(f"adapter saved to {state.folder.adapter}")
 
 
 def finish(state: RunState) -> RunResult:
-    """summary.json, then the diagnosis and report (finish_run). A failure of the report only warns: the adapter,
-    metrics and summary are already written, and `lorafit report DIR` can retry."""
+    """summary.json, then the diagnosis and report (finish_run), on rank 0 while the others wait. A failure of the
+    report only warns: the adapter, metrics and summary are already written, and `lorafit report DIR` can retry."""
+    result = state.result
+    if distributed.is_main():
+        _write_results(state)
+    distributed.barrier()
+    return result
+
+
+def _write_results(state: RunState) -> None:
     result = state.result
     summary = {"steps": result.steps, "final_loss": result.final_loss, "phases_s": result.phases,
                "eval_before": result.eval_before, "eval_after": result.eval_after}
@@ -237,4 +304,3 @@ def finish(state: RunState) -> RunResult:
         print(f"warning: the report could not be written ({type(err).__name__}: {err}); "
               f"retry with `lorafit report {state.folder.path}`.")
     state.folder.release()
-    return result

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lorafit import distributed
 from lorafit.data import Example
-from lorafit.evaluation.eval_sets import evaluate_set, evaluate_sets, format_results
+from lorafit.evaluation.eval_sets import binomial_stderr, evaluate_set, evaluate_sets, format_results
 from lorafit.evaluation.forgetting import forgetting_check, format_forgetting
 from lorafit.flops import step_throughput
 from lorafit.run_config import EvaluationConfig, RunConfig
@@ -27,9 +28,9 @@ from lorafit.train import loop
 from lorafit.train.batches import (
     Dataset,
     MicroBatch,
-    fixed_batches,
     prepare_rows,
-    step_micro_batches,
+    rank_micro_batches,
+    step_rows,
     steps_per_epoch,
 )
 from lorafit.train.loop import RunResult, TrainingDiverged
@@ -60,7 +61,7 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     if gen_eval and not resume:
         with state.timed("eval_before"):
             result.eval_before = generation_eval(model, state.tokenizer, eval_set.examples, config.evaluation)
-        print(f"before training: {_describe(result.eval_before)}")
+        distributed.print_main(f"before training: {_describe(result.eval_before)}")
     if config.evaluation.sets and not resume:
         with state.timed("eval_sets_before"):
             result.eval_sets_before = score_eval_sets(model, state.tokenizer, config.evaluation, data.eval,
@@ -69,16 +70,19 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     micro = t.micro_batch_size or t.batch_size
     per_epoch = steps_per_epoch(len(train_set.rows), t.batch_size)
     loop.start_training(state, total_steps=t.max_steps or max(1, math.ceil(t.epochs * per_epoch)))
-    progress = state.trainer
+    progress, wrapped, ctx = state.trainer, state.wrapped, distributed.context()
     pad = state.tokenizer.pad_token_id
-    eval_batches = fixed_batches(eval_set.rows, micro, pad) if eval_set else []  # collated once, reused each eval
+    # this rank's share of the held-out rows, collated once and reused each eval
+    eval_batches = rank_micro_batches(eval_set.rows, micro, pad, rank=ctx.rank, world_size=ctx.world_size) \
+        if eval_set else []
     with state.timed("train"), neftune_noise(model, t.neftune_noise_alpha), tqdm(
-            total=state.total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True) as bar:
+            total=state.total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
+            disable=distributed.progress_disabled()) as bar:
         while progress.step < state.total_steps:
             step_start = time.perf_counter()
-            batches = step_micro_batches(train_set.rows, progress.step, batch_size=t.batch_size,
-                                         micro_batch_size=micro, seed=t.seed, pad_token_id=pad)
-            loss, tokens = train_step(model, batches, device, use_bf16)
+            rows = step_rows(train_set.rows, progress.step, batch_size=t.batch_size, seed=t.seed)  # same on every rank
+            batches = rank_micro_batches(rows, micro, pad, rank=ctx.rank, world_size=ctx.world_size)
+            loss, tokens = train_step(wrapped, batches, device, use_bf16)
             loop.check_finite(loss, progress.step + 1)
             grad_norm, lr = state.opt.step(t.max_grad_norm)
             progress.step += 1
@@ -89,27 +93,31 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
             row |= step_throughput(model, [tuple(b.tensors["input_ids"].shape) for b in batches], tokens / speed, device)
             if eval_batches and config.evaluation.every and (progress.step % config.evaluation.every == 0
                                                              or progress.step == state.total_steps):
-                row["eval_loss"] = eval_loss(model, eval_batches, device, use_bf16)
+                row["eval_loss"] = eval_loss(wrapped, eval_batches, device, use_bf16)
             loop.end_step(state, row, force_log="eval_loss" in row)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}", refresh=False)
             bar.update(1)
             result.final_loss = loss
 
     loop.save_final_adapter(state)
-    if gen_eval:
+    if gen_eval and distributed.holds_full_model(wrapped):
         with state.timed("eval_after"):
             result.eval_after = generation_eval(model, state.tokenizer, eval_set.examples, config.evaluation)
-        print(_side_by_side(result.eval_before, result.eval_after))
-    if config.evaluation.sets:
+        distributed.print_main(_side_by_side(result.eval_before, result.eval_after))
+    elif gen_eval:
+        distributed.print_main("note: the generation evaluation after training is not run under FSDP yet (its "
+                               "weights are sharded); run `lorafit generate` with the saved adapter, or use "
+                               "distributed.strategy: ddp.")
+    if config.evaluation.sets and distributed.holds_full_model(wrapped):
         with state.timed("eval_sets_after"):
             result.eval_sets_after = score_eval_sets(model, state.tokenizer, config.evaluation, data.eval,
                                                      result.eval_after)
-        print(format_results(result.eval_sets_after, result.eval_sets_before))
-    if check_forgetting:
+        distributed.print_main(format_results(result.eval_sets_after, result.eval_sets_before))
+    if check_forgetting and distributed.holds_full_model(wrapped):
         with state.timed("forgetting"):
             result.forgetting = forgetting_check(model, state.tokenizer, reference=_reference(model, start),
-                                                 progress=True)
-        print(format_forgetting(result.forgetting))
+                                                 progress=distributed.is_main())
+        distributed.print_main(format_forgetting(result.forgetting))
     return loop.finish(state)
 
 
@@ -140,47 +148,60 @@ def _reference(model: Any, start: StartWeights | None) -> Any:
     return lambda: reference_policy(model, start)
 
 
-def train_step(model: Any, batches: list[MicroBatch], device: torch.device, use_bf16: bool) -> tuple[float, int]:
-    """Forward/backward over the micro-batches of one step; the loss is normalised by the step's target count."""
-    targets = sum(b.targets for b in batches)
+def train_step(wrapped: Any, batches: list[MicroBatch], device: torch.device, use_bf16: bool) -> tuple[float, int]:
+    """Forward/backward over this rank's micro-batches of one step (distributed.wrap's model); the loss is
+    normalised by the global step's target count, all-reduced over the ranks, so every rank ends with the
+    gradient one process computes from the whole step. Returns (the step's mean loss, its tokens), both global."""
+    targets = distributed.all_reduce_sum(sum(b.targets for b in batches))
+    scale = distributed.gradient_scale(max(targets, 1))
     total = 0.0
     for batch in batches:
-        loss_sum = _loss_sum(model, batch, device, use_bf16)
-        (loss_sum / max(targets, 1)).backward()
+        loss_sum = _loss_sum(wrapped, batch, device, use_bf16)
+        (loss_sum * scale).backward()
         total += loss_sum.item()
-    return total / max(targets, 1), sum(b.tokens for b in batches)
+    return distributed.all_reduce_sum(total) / max(targets, 1), distributed.all_reduce_sum(sum(b.tokens for b in batches))
 
 
 @torch.no_grad()
-def eval_loss(model: Any, batches: list[MicroBatch], device: torch.device, use_bf16: bool) -> float:
-    """Mean next-token loss over every target of the held-out batches."""
+def eval_loss(wrapped: Any, batches: list[MicroBatch], device: torch.device, use_bf16: bool) -> float:
+    """Mean next-token loss over every target of the held-out batches (each rank's share, summed over ranks)."""
+    model = distributed.unwrap(wrapped)
     was_training = model.training
     model.eval()
-    total = sum(_loss_sum(model, batch, device, use_bf16).item() for batch in batches)
+    total = sum(_loss_sum(wrapped, batch, device, use_bf16).item() for batch in batches)
     model.train(was_training)
-    return total / max(sum(b.targets for b in batches), 1)
+    return distributed.all_reduce_sum(total) / max(distributed.all_reduce_sum(sum(b.targets for b in batches)), 1)
 
 
-def _loss_sum(model: Any, batch: MicroBatch, device: torch.device, use_bf16: bool) -> torch.Tensor:
-    """Summed target loss of one micro-batch on `device`, under bf16 autocast when asked."""
+def _loss_sum(wrapped: Any, batch: MicroBatch, device: torch.device, use_bf16: bool) -> torch.Tensor:
+    """Summed target loss of one micro-batch on `device`, under bf16 autocast when asked, run through the wrapper
+    (distributed.Runner: DDP's and FSDP2's hooks surround the whole loss computation)."""
     tensors = {k: v.to(device) for k, v in batch.tensors.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        return target_loss_sum(model, tensors)
+        return wrapped(target_loss_sum, tensors)
 
 
 def generation_eval(model: Any, tokenizer: Any, examples: list[Example], evaluation: EvaluationConfig) -> dict[str, Any]:
-    """Greedy replies to the held-out chats, scored against their final assistant turn (evaluate_set's result)."""
+    """Greedy replies to the held-out chats, scored against their final assistant turn (evaluate_set's result).
+    Under several processes each rank answers its share (distributed.share) with its full copy of the model and
+    the counts are summed; the samples shown are rank 0's first three."""
     examples = [e for e in examples if e.messages and e.messages[-1]["role"] == "assistant"]
     examples = examples[: evaluation.limit] if evaluation.limit else examples
-    return evaluate_set(model, tokenizer, examples, evaluation.metric, max_new_tokens=evaluation.max_new_tokens,
-                        batch_size=evaluation.batch_size, progress=True)
+    share = distributed.share(examples, distributed.rank(), distributed.world_size())
+    result = evaluate_set(model, tokenizer, share, evaluation.metric, max_new_tokens=evaluation.max_new_tokens,
+                          batch_size=evaluation.batch_size, progress=distributed.is_main())
+    if distributed.world_size() > 1:
+        correct = distributed.all_reduce_sum(result["correct"])
+        total = distributed.all_reduce_sum(result["total"])
+        result.update(correct=correct, total=total, accuracy=correct / total, stderr=binomial_stderr(correct, total))
+    return result
 
 
 def _print_data_summary(name: str, dataset: Dataset) -> None:
     s = dataset.stats
     note = f", {s.truncated} truncated to max_seq_len" if s.truncated else ""
     dropped = f", {s.dropped} dropped (no target left)" if s.dropped else ""
-    print(f"{name}: {len(dataset.examples)} examples -> {len(dataset.rows)} rows, {s.total_tokens} tokens "
+    distributed.print_main(f"{name}: {len(dataset.examples)} examples -> {len(dataset.rows)} rows, {s.total_tokens} tokens "
           f"({s.target_tokens} trained on){note}{dropped}")
 
 
