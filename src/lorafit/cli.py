@@ -131,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from lorafit.run_config import load_run_config
-    from lorafit.train import grpo, sft
+    from lorafit.train import dpo, grpo, sft
 
     config = load_run_config(args.config, args.overrides)
-    trainer = grpo if config.method == "grpo" else sft
+    trainer = {"sft": sft, "grpo": grpo, "dpo": dpo}[config.method]
     result = trainer.train(config, resume=args.resume)
     phases = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in result.phases.items())
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}; {phases}; results in {result.output_dir}")

@@ -66,6 +66,7 @@ class EvaluationConfig:
     max_new_tokens: int = 64
     limit: int | None = None
     batch_size: int = 64
+    measure: str | None = None  # dpo: `file.py:function` scoring each greedy held-out reply (a reward function)
 
 
 @dataclass
@@ -219,6 +220,11 @@ def validate(config: RunConfig) -> None:
         _validate_grpo(config)
     if config.method == "dpo":
         _validate_dpo(config.dpo)
+    if config.evaluation.measure is not None:
+        if config.method != "dpo":
+            raise ConfigError("evaluation.measure applies to method: dpo only (grpo scores replies with its rewards, "
+                              "sft with evaluation.metric); remove it.")
+        _reward_spec(config.evaluation.measure, "evaluation.measure")  # the same form as a reward function
     defaults = RunConfig()
     for method, sections in METHOD_SECTIONS.items():
         if method != config.method and any(getattr(config, s) != getattr(defaults, s) for s in sections):
@@ -302,7 +308,9 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         return dataclasses.replace(spec, function=f"{resolve(target)}:{name}")
 
     data = dataclasses.replace(config.data, train=resolve(config.data.train), eval=resolve(config.data.eval))
-    return dataclasses.replace(config, data=data, init_adapter=resolve(config.init_adapter),
+    measure = config.evaluation.measure
+    evaluation = dataclasses.replace(config.evaluation, measure=measure and resolve_reward(RewardSpec(measure)).function)
+    return dataclasses.replace(config, data=data, init_adapter=resolve(config.init_adapter), evaluation=evaluation,
                                rewards=[resolve_reward(r) for r in config.rewards])
 
 
