@@ -196,9 +196,11 @@ def test_qlora_and_loftq_start_at_ln2_and_learn(dpo_run, variant):
 
 
 def test_training_on_from_a_saved_adapter_starts_at_its_own_reference(dpo_run):
-    """init_adapter: the reference is the saved adapter (copied before training), so step 1 is at ln 2 again."""
+    """init_adapter: the reference is the saved adapter (copied before training), so step 1 is at ln 2 again.
+    (Adapter dropout 0: with B != 0, dropout on the adapter's input would make the training forward differ from
+    the dropout-free reference, as in TRL.)"""
     first = run(dpo_run, f"output_dir={dpo_run / 'out_first'}", "training.save_every=0", "evaluation.every=0",
-                "evaluation.generation=false")
+                "evaluation.generation=false", "adapter.dropout=0.0")
     second = run(dpo_run, f"output_dir={dpo_run / 'out_second'}", "adapter={}",
                  f"init_adapter={first.output_dir / 'adapter'}", "training.save_every=0", "evaluation.every=0",
                  "evaluation.generation=false")
