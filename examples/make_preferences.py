@@ -9,15 +9,14 @@ mentions. Output is deterministic for a given --seed.
 
     python examples/make_preferences.py --seed 0 --train 400 --eval 60
 
-`one_sentence_share(replies)` is the behaviour measure for the evaluation: the share of replies that are a
-single short sentence, with its standard error.
+`one_sentence` is the behaviour measure for the evaluation (evaluation.measure): 1 for a reply that is a
+single short sentence, else 0; the trainer reports its mean (the one-sentence share) with its standard error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import re
 from pathlib import Path
@@ -421,14 +420,10 @@ def is_one_sentence(reply: str, max_words: int = MAX_WORDS) -> bool:
     return len(found) == 1 and len(found[0].split()) <= max_words
 
 
-def one_sentence_share(replies: list[str], max_words: int = MAX_WORDS) -> dict[str, float]:
-    """Share of replies that are one short sentence, with its standard error (binomial, sample std / sqrt(n))."""
-    if not replies:
-        raise ValueError("one_sentence_share needs at least one reply.")
-    n = len(replies)
-    share = sum(is_one_sentence(reply, max_words) for reply in replies) / n
-    stderr = math.sqrt(share * (1 - share) / (n - 1)) if n > 1 else float("nan")
-    return {"one_sentence_share": share, "one_sentence_stderr": stderr, "total": n}
+def one_sentence(prompts: list[str], completions: list[str], **fields: object) -> list[float]:
+    """The behaviour measure (evaluation.measure, called like a reward function): 1.0 for each reply that is one
+    short sentence, else 0.0; its mean over the held-out replies is their one-sentence share."""
+    return [float(is_one_sentence(reply)) for reply in completions]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -20,7 +20,8 @@ def make_run(path, method):
     return run
 
 
-@pytest.mark.parametrize(("method", "diagnosed"), [("sft", True), (None, True), ("grpo", False)])
+@pytest.mark.parametrize(("method", "diagnosed"), [("sft", True), (None, True), ("grpo", False),
+                                                         ("dpo", False)])
 def test_diagnosis_follows_the_method(tmp_path, method, diagnosed, capsys):
     run = make_run(tmp_path / "run", method)
     assert finish_run(run.path) == run.report and run.report.is_file()
@@ -37,3 +38,4 @@ def test_diagnosis_follows_the_method(tmp_path, method, diagnosed, capsys):
 def test_the_learning_curve_rule_names_known_methods():
     assert LEARNING_CURVE_METHODS <= set(METHODS)
     assert has_learning_curve("sft") and not has_learning_curve("grpo") and has_learning_curve(None)
+    assert not has_learning_curve("dpo")

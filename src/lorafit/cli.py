@@ -195,10 +195,10 @@ def _train(args: argparse.Namespace) -> int:
     from lorafit import distributed
     from lorafit.run_config import load_run_config
     from lorafit.run_dir import RunDir
-    from lorafit.train import grpo, sft
+    from lorafit.train import dpo, grpo, sft
 
     config = load_run_config(args.config, args.overrides)
-    trainer = grpo if config.method == "grpo" else sft
+    trainer = {"sft": sft, "grpo": grpo, "dpo": dpo}[config.method]
     try:
         result = trainer.train(config, resume=args.resume, trust_checkpoint=args.trust_checkpoint,
                                overwrite=args.overwrite)

@@ -84,6 +84,7 @@ class EvaluationConfig:
     batch_size: int = 64
     sets: dict = field(default_factory=dict)  # name -> EvalSetConfig, e.g. {in_distribution: a.jsonl, ...}
     forgetting: bool | str = "auto"  # base vs adapter on general prompts after training; auto = on CUDA only
+    measure: str | None = None  # dpo: `file.py:function` scoring each greedy held-out reply (a reward function)
 
     def __post_init__(self) -> None:
         if not isinstance(self.sets, dict):
@@ -286,6 +287,11 @@ def validate(config: RunConfig) -> None:
     if config.method == "dpo":
         _validate_dpo(config.dpo)
     _validate_distributed(config.distributed)
+    if config.evaluation.measure is not None:
+        if config.method != "dpo":
+            raise ConfigError("evaluation.measure applies to method: dpo only (grpo scores replies with its rewards, "
+                              "sft with evaluation.metric); remove it.")
+        _reward_spec(config.evaluation.measure, "evaluation.measure")  # the same form as a reward function
     defaults = RunConfig()
     for method, sections in METHOD_SECTIONS.items():
         if method != config.method and any(getattr(config, s) != getattr(defaults, s) for s in sections):
@@ -382,9 +388,11 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
 
     data = dataclasses.replace(config.data, train=resolve(config.data.train), eval=resolve(config.data.eval))
     sets = {name: dataclasses.replace(s, path=resolve(s.path)) for name, s in config.evaluation.sets.items()}
-    return dataclasses.replace(config, data=data, init_adapter=resolve(config.init_adapter),
-                               rewards=[resolve_reward(r) for r in config.rewards],
-                               evaluation=dataclasses.replace(config.evaluation, sets=sets))
+    measure = config.evaluation.measure
+    evaluation = dataclasses.replace(config.evaluation, sets=sets,
+                                     measure=measure and resolve_reward(RewardSpec(measure)).function)
+    return dataclasses.replace(config, data=data, init_adapter=resolve(config.init_adapter), evaluation=evaluation,
+                               rewards=[resolve_reward(r) for r in config.rewards])
 
 
 def _reward_spec(item: Any, where: str) -> RewardSpec:

@@ -192,3 +192,35 @@ def test_grpo_rows_are_prompts_checked_against_the_room_left_for_completions(tmp
     split = result.splits[0]
     assert (split.examples, split.over_limit) == (7, 1)
     assert (split.lengths["min"], split.lengths["max"]) == (min(lengths), max(lengths))
+
+
+def pair(prompt: str, chosen: str, rejected: str) -> dict:
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def test_dpo_rows_are_pairs_with_lengths_bad_rows_truncation_duplicates_and_overlap(tmp_path, tokenizer):
+    from lorafit.data.preferences import read_preferences
+
+    good = [pair(f"{USERS[i]} ({i})", "Paris.", "The capital of France is Paris, a fine city.") for i in range(4)]
+    clean = audit(tmp_path, tokenizer, good, [pair("Hello! (eval)", "Hi.", "Hello there, how are you?")],
+                  max_seq_len=512, method="dpo")
+    pairs, _ = read_preferences(tmp_path / "train.jsonl", tokenizer, 512)
+    want = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]  # what training batches
+    assert [s.examples for s in clean.splits] == [4, 1] and clean.findings == []
+    assert clean.splits[0].lengths["max"] == max(want) and clean.splits[0].lengths["min"] == min(want)
+
+    rows = good + [pair("Same?", "Yes.", "Yes."), {"prompt": "No reply"}, good[0],
+                   pair("Why is that so?", "Short.", "Long " * 60)]
+    limit = max(want) + 2  # fits the good pairs; the long prompt + reply does not
+    result = audit(tmp_path, tokenizer, rows, [good[1], pair("New prompt", "A.", "B b b.")], max_seq_len=limit,
+                   method="dpo")
+    assert [s.examples for s in result.splits] == [8, 2]
+    bad = finding(result, "bad_rows").message
+    assert "2 of 8 rows" in bad and "train.jsonl:5" in bad and "same reply" in bad and "no 'chosen' field" in bad
+    assert "train.jsonl:8" in finding(result, "truncated").message and result.splits[0].over_limit == 1
+    assert "train.jsonl:7" in finding(result, "exact_duplicates").message
+    assert "1 of 2 pairs" in finding(result, "eval_overlap_prompt").message
+    with pytest.raises(DataError, match="train.jsonl:5"):  # training stops where the audit said
+        read_preferences(tmp_path / "train.jsonl", tokenizer, limit)
+    tight = audit(tmp_path, tokenizer, good, max_seq_len=4, method="dpo")
+    assert "4 of 4 pairs" in finding(tight, "prompt_too_long").message

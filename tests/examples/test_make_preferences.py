@@ -31,8 +31,8 @@ def test_deterministic_for_seed(mp):
 def test_chosen_is_one_sentence_and_rejected_is_not(mp):
     train, held_out = mp.generate(0, 400, 60)
     rows = train + held_out
-    assert mp.one_sentence_share([r["chosen"] for r in rows])["one_sentence_share"] == 1.0
-    assert mp.one_sentence_share([r["rejected"] for r in rows])["one_sentence_share"] == 0.0
+    assert set(mp.one_sentence([r["prompt"] for r in rows], [r["chosen"] for r in rows])) == {1.0}
+    assert set(mp.one_sentence([r["prompt"] for r in rows], [r["rejected"] for r in rows])) == {0.0}
     assert all(r["chosen"] in r["rejected"] for r in rows)  # the same answer, buried in the long style
     assert len({r["prompt"] for r in rows}) == len(rows)  # no question asked twice
     kinds = [r["prompt"].split()[0] for r in train]
@@ -73,9 +73,12 @@ def test_one_sentence_rule(mp, reply, one):
     assert mp.is_one_sentence(reply) is one
 
 
-def test_share_and_standard_error(mp):
-    result = mp.one_sentence_share(["One.", "Two. Three.", "Four.", "Five! Six."])
-    assert result["one_sentence_share"] == 0.5 and result["total"] == 4
-    assert result["one_sentence_stderr"] == pytest.approx((0.5 * 0.5 / 3) ** 0.5)  # sample std / sqrt(n)
+def test_measure_scores_each_reply_and_the_trainer_reports_its_mean_and_stderr(mp):
+    from lorafit.evaluation.metrics import mean_and_stderr
+
+    values = mp.one_sentence(["q"] * 4, ["One.", "Two. Three.", "Four.", "Five! Six."])
+    assert values == [1.0, 0.0, 1.0, 0.0]
+    mean, stderr = mean_and_stderr(values)
+    assert mean == 0.5 and stderr == pytest.approx((0.5 * 0.5 / 3) ** 0.5)  # sample std / sqrt(n)
     with pytest.raises(ValueError):
-        mp.one_sentence_share([])
+        mean_and_stderr([])

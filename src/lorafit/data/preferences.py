@@ -40,6 +40,7 @@ class PreferencePair:
     truncated: bool = False
     ref_chosen_logp: float | None = None
     ref_rejected_logp: float | None = None
+    prompt_text: str = ""  # the prompt's last user message (what a behaviour measure sees as the prompt)
 
 
 @dataclass
@@ -75,7 +76,7 @@ def pair_from_row(row: object, source: str, tokenizer: Any, max_seq_len: int) ->
     rejected_ids = completion_ids(tokenizer, prompt, prompt_ids, rejected, source)
     truncated = len(chosen_ids) > room or len(rejected_ids) > room
     return PreferencePair(source=source, prompt_ids=prompt_ids, chosen_ids=chosen_ids[:room],
-                          rejected_ids=rejected_ids[:room], truncated=truncated)
+                          rejected_ids=rejected_ids[:room], truncated=truncated, prompt_text=prompt[-1]["content"])
 
 
 def preference_messages(row: object, source: str) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:

@@ -68,7 +68,9 @@ MONITOR_GROWTH = 50         # whichever is more (NaN at once): findings lag <= 2
 MONITOR_SHAPE_PROGRESS = 0.5  # live: plateau shapes are judged only past half of the planned steps
 
 LEARNING_CURVE_METHODS = frozenset({"sft"})  # methods whose loss is the learning curve these detectors judge;
-                            # GRPO's loss is a policy-gradient surrogate (near 0 by construction): its report shows rewards
+                            # GRPO's loss is a policy-gradient surrogate (near 0 by construction): its report shows rewards;
+                            # DPO's starts at ln 2 by construction and falls as margins grow, whatever the pairs teach
+                            # (no plateau/overfit scale applies): its report shows rewards/* and preference accuracy
 
 _HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from lorafit.data import Example, build_prompt_ids, read_examples, tokenize_example
+from lorafit.data import DataError, Example, build_prompt_ids, read_examples, tokenize_example
 from lorafit.data.chat import IGNORE
+from lorafit.data.preferences import completion_ids, preference_messages
+from lorafit.data.sources import read_rows
 from lorafit.diagnose.checks import Check, format_checks
 from lorafit.diagnose.eval_distance import EvalDistance, eval_distance
 from lorafit.run_config import RunConfig
@@ -32,7 +34,8 @@ _NOT_WORD = re.compile(r"[^\w\s]")
 class SplitSummary:
     """Size and token lengths (chat template included, before truncation) of one data file.
 
-    For GRPO the lengths are those of the prompts (the chat up to the generation prompt).
+    For GRPO the lengths are those of the prompts (the chat up to the generation prompt); for DPO, of the prompt
+    plus the longer of its two replies (the longest row the pair puts in a batch).
     """
 
     name: str
@@ -79,6 +82,8 @@ def audit_dataset(config: RunConfig, tokenizer: Any) -> DatasetAudit:
     and reply checks are skipped.
     """
     data = config.data
+    if getattr(config, "method", "sft") == "dpo":
+        return _audit_preferences(config, tokenizer)
     grpo = getattr(config, "method", "sft") == "grpo"
     audit = DatasetAudit(limit=data.max_seq_len - config.grpo.max_new_tokens if grpo else data.max_seq_len,
                          limit_name="data.max_seq_len - grpo.max_new_tokens" if grpo else "data.max_seq_len",
@@ -170,6 +175,97 @@ def _audit_prompts(name: str, path: str, examples: list[Example], tokenizer: Any
             'write them as {"messages": [{"role": "user", "content": ...}]}.',
         ))
     return summary, findings
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """One readable preference row as the audit sees it: where, its prompt's key and token counts."""
+
+    source: str
+    prompt_key: str
+    row_key: str
+    prompt_tokens: int
+    longest: int  # prompt + the longer reply, untruncated
+
+
+def _audit_preferences(config: RunConfig, tokenizer: Any) -> DatasetAudit:
+    """DPO rows: pair counts and lengths, rows training rejects (missing field, identical replies, ...), prompts
+    that leave no room for a reply, replies cut to fit, duplicated pairs, and prompts shared by train and eval."""
+    data = config.data
+    audit = DatasetAudit(limit=data.max_seq_len, limit_name="data.max_seq_len", splits=[])
+    read: dict[str, list[_Pair]] = {}
+    for name, path in (("train", data.train), ("eval", data.eval)):
+        if path is None:
+            continue
+        pairs, bad = _read_pairs(str(path), tokenizer)
+        read[name] = pairs
+        lengths = [p.longest for p in pairs]
+        over = [p for p in pairs if p.longest > data.max_seq_len]
+        audit.splits.append(SplitSummary(name, str(path), len(pairs) + len(bad), _length_stats(lengths), len(over), 0))
+        audit.findings += _pair_findings(name, pairs, bad, data.max_seq_len)
+    train, evaluation = read["train"], read.get("eval")
+    copies = [p for group in _groups(train, lambda p: p.row_key) for p in group[1:]]
+    if copies:
+        audit.findings.append(Check(
+            "warning", "exact_duplicates",
+            f"train: {len(copies)} of {len(train)} pairs repeat another pair exactly{_named(copies)}; they weigh "
+            "those pairs double.", "remove the copies (keep one of each)."))
+    if evaluation:
+        prompts = {p.prompt_key for p in train}
+        shared = [p for p in evaluation if p.prompt_key in prompts]
+        if shared:
+            audit.findings.append(Check(
+                "warning", "eval_overlap_prompt",
+                f"eval: {len(shared)} of {len(evaluation)} pairs have a prompt that also appears in train"
+                f"{_named(shared)}; held-out preference accuracy then rewards memorisation.",
+                "move those prompts to one split only."))
+    return audit
+
+
+def _read_pairs(path: str, tokenizer: Any) -> tuple[list[_Pair], list[str]]:
+    """The readable pairs of a file and, for every row training would reject, its one-line error."""
+    pairs, bad = [], []
+    for source, row in read_rows(path):
+        try:
+            prompt, chosen, rejected = preference_messages(row, source)
+        except DataError as err:
+            bad.append(str(err))
+            continue
+        prompt_ids = build_prompt_ids(tokenizer, prompt)
+        longest = max(len(completion_ids(tokenizer, prompt, prompt_ids, reply, source)) for reply in (chosen, rejected))
+        replies = "\x00".join(_normalise(m["content"]) for m in (chosen, rejected))
+        pairs.append(_Pair(source, _messages_key(prompt), f"{_messages_key(prompt)}\x00{replies}", len(prompt_ids),
+                           len(prompt_ids) + longest))
+    return pairs, bad
+
+
+def _pair_findings(name: str, pairs: list[_Pair], bad: list[str], max_seq_len: int) -> list[Check]:
+    findings = []
+    if bad:
+        findings.append(Check(
+            "warning", "bad_rows",
+            f"{name}: {len(bad)} of {len(pairs) + len(bad)} rows cannot be trained on; training stops at the first: "
+            + " | ".join(bad[:SHOWN_SOURCES]), "fix or remove those rows (each message names file:line)."))
+    no_room = [p for p in pairs if p.prompt_tokens >= max_seq_len]
+    cut = [p for p in pairs if p.longest > max_seq_len and p.prompt_tokens < max_seq_len]
+    if no_room:
+        findings.append(Check(
+            "warning", "prompt_too_long",
+            f"{name}: {len(no_room)} of {len(pairs)} pairs have a prompt of data.max_seq_len={max_seq_len} tokens or "
+            f"more, leaving no room for a reply; training stops on them{_named(no_room)}.",
+            "raise data.max_seq_len or shorten those prompts."))
+    if cut:
+        longest = max(p.longest for p in pairs)
+        findings.append(Check(
+            "warning", "truncated",
+            f"{name}: {len(cut)} of {len(pairs)} pairs have a reply cut to fit data.max_seq_len={max_seq_len} "
+            f"(longest prompt + reply {longest}){_named(cut)}; a cut reply is scored without its end.",
+            f"raise data.max_seq_len to {longest} or shorten those replies."))
+    return findings
+
+
+def _named(pairs: list[_Pair]) -> str:
+    return f" (e.g. {', '.join(Path(p.source).name for p in pairs[:SHOWN_SOURCES])})"
 
 
 def _length_stats(lengths: list[int]) -> dict[str, float]:
@@ -305,9 +401,9 @@ def _messages_key(messages: list[dict[str, Any]]) -> str:
     return "\n".join(f"{m['role']}: {_normalise(m['content'])}" for m in messages)
 
 
-def _groups(examples: list[Example], key: Callable[[Example], str]) -> list[list[Example]]:
-    """Groups of two or more examples with the same key, in file order."""
-    by_key: dict[str, list[Example]] = defaultdict(list)
+def _groups(examples: list[Any], key: Callable[[Any], str]) -> list[list[Any]]:
+    """Groups of two or more examples (or pairs) with the same key, in file order."""
+    by_key: dict[str, list[Any]] = defaultdict(list)
     for example in examples:
         by_key[key(example)].append(example)
     return [group for group in by_key.values() if len(group) > 1]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lorafit.errors import UserError
@@ -118,3 +119,18 @@ def score(predictions: list[str], references: list[str], metric: str) -> dict[st
         "total": total,
         "accuracy": correct / total if total else 0.0,
     }
+
+
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean) of per-item scores: sample std (n - 1) / sqrt(n); NaN for one item.
+
+    For 0/1 scores this is sqrt(p (1 - p) / (n - 1)), the binomial standard error with the unbiased variance.
+    """
+    if not values:
+        raise ValueError("mean_and_stderr needs at least one value.")
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n == 1:
+        return mean, float("nan")
+    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)

@@ -169,7 +169,7 @@ def _evaluation_section(runs: list[RunData]) -> str:
     heading = "<h2>Evaluation before → after</h2>"
     if len(runs) == 1 and not any(_evals(runs[0])):
         return f"<section>{heading}{_note(_eval_note(runs[0]))}</section>"
-    rows = "".join(_score_row(run, len(runs) > 1) for run in runs)
+    rows = "".join(_score_row(run, len(runs) > 1) + _measure_row(run, len(runs) > 1) for run in runs)
     table = (f'<table><tr><th></th><th class="num">base model</th><th class="num">with adapter</th>'
              f'<th class="num">change</th></tr>{rows}</table>')
     samples = _samples(runs[0].name if len(runs) > 1 else "", *_evals(runs[0]))
@@ -189,13 +189,37 @@ def _score_row(run: RunData, many: bool) -> str:
     before, after = _evals(run)
     if not (before or after):
         return f'<tr><td>{escape(run.name)}</td><td colspan="3">{_note(_eval_note(run))}</td></tr>'
-    label = run.name if many else f"{(after or before).get('metric', '')} match"
+    label = run.name if many else _metric_label(after or before)
     change = ""
     if before and after:
         points = 100 * (after["accuracy"] - before["accuracy"])
         change = f'<span class="{"up" if points >= 0 else "down"}">{points:+.1f} pts</span>'
     return (f'<tr><td>{escape(label)}</td><td class="num">{escape(_score(before))}</td>'
             f'<td class="num">{escape(_score(after))}</td><td class="num">{change}</td></tr>')
+
+
+def _measure_row(run: RunData, many: bool) -> str:
+    """The behaviour measure of a DPO run's greedy held-out replies (mean ± standard error), before and after."""
+    before, after = (e.get("measure") if isinstance(e, dict) and isinstance(e.get("measure"), dict) else None
+                     for e in _evals(run))
+    if not (before or after):
+        return ""
+    name = (after or before).get("name", "measure")
+    label = f"{run.name}: {name}" if many else f"{name} (greedy, {(after or before).get('total', '?')} replies)"
+    cells = [f"{m['mean']:.3f} ± {m['stderr']:.3f}" if m and is_number(m.get("mean")) and is_number(m.get("stderr"))
+             else "—" for m in (before, after)]
+    change = ""
+    if before and after and is_number(before.get("mean")) and is_number(after.get("mean")):
+        delta = after["mean"] - before["mean"]
+        change = f'<span class="{"up" if delta >= 0 else "down"}">{delta:+.3f}</span>'
+    return (f'<tr><td>{escape(label)}</td><td class="num">{escape(cells[0])}</td>'
+            f'<td class="num">{escape(cells[1])}</td><td class="num">{change}</td></tr>')
+
+
+def _metric_label(evaluation: dict[str, Any]) -> str:
+    """'json match' for a generation metric; DPO's held-out preference accuracy says what it counts."""
+    metric = evaluation.get("metric", "")
+    return "preference accuracy (chosen ranked above rejected)" if metric == "preference" else f"{metric} match"
 
 
 def _samples(run_name: str, before: dict[str, Any] | None, after: dict[str, Any] | None) -> str:
@@ -354,7 +378,7 @@ def _eval_change(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
     first = f"{before['accuracy']:.0%}" if before else "—"
     last = f"{after['accuracy']:.0%}" if after else "—"
     ref = after or before
-    return f"{first} → {last}", f"{ref.get('metric', '')} match, {ref.get('total', '?')} examples"
+    return f"{first} → {last}", f"{_metric_label(ref)}, {ref.get('total', '?')} examples"
 
 
 def _score(evaluation: dict[str, Any] | None) -> str:

@@ -22,6 +22,13 @@ TITLES = {"loss": "Loss", "lr": "Learning rate", "tokens_per_s": "Throughput (to
           "grad_norm": "Gradient norm (before clipping)", "peak_rss_mib": "Peak memory: process RSS (MiB)",
           "cuda_max_allocated_mib": "Peak CUDA memory allocated (MiB)",
           "cuda_max_reserved_mib": "Peak CUDA memory reserved (MiB)"}
+# DPO's metrics (train/dpo_loss.METRICS, TRL's names) drawn together: one panel per group instead of one per column
+GROUPS = {
+    "dpo_rewards": ("DPO rewards (β × log-ratio to the reference)",
+                    ("rewards/chosen", "rewards/rejected", "rewards/margins", "eval_rewards/margins")),
+    "dpo_accuracy": ("Preference accuracy (chosen reward > rejected)", ("rewards/accuracies", "eval_rewards/accuracies")),
+    "dpo_logps": ("DPO log-probs of the replies (summed over tokens)", ("logps/chosen", "logps/rejected")),
+}
 COLORS = ("#2563eb", "#ea580c", "#16a34a", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#db2777")
 LOG_RANGE = 20  # a loss spanning more than this factor is drawn on a log axis
 DPI = 110
@@ -37,19 +44,31 @@ class Panel:
 
 
 def metric_panels(runs: list[RunData]) -> list[Panel]:
-    """Loss (train and eval), learning rate, tokens/s, gradient norm, then every other numeric column logged."""
-    return [Panel(file_key(c), TITLES.get(c, c), _png(line_figure(runs, c))) for c in _columns(runs)]
+    """Loss (train and eval), learning rate, tokens/s, gradient norm, the DPO groups (rewards, preference accuracy,
+    log-probs) when logged, then every other numeric column logged."""
+    logged = _logged(runs)
+    lines = [Panel(file_key(c), TITLES.get(c, c), _png(line_figure(runs, c))) for c in _columns(logged)]
+    groups = [Panel(key, title, _png(group_figure(runs, [c for c in columns if c in logged])))
+              for key, (title, columns) in GROUPS.items() if any(c in logged for c in columns)]
+    first = sum(p.key in FIRST_PANELS for p in lines)
+    return lines[:first] + groups + lines[first:]
 
 
-def _columns(runs: list[RunData]) -> list[str]:
+def _logged(runs: list[RunData]) -> list[str]:
     logged: list[str] = []  # in the order the runs first logged them
     for run in runs:
         for row in run.metrics:
             logged += [c for c, v in row.items() if is_number(v) and c not in logged]
+    return logged
+
+
+def _columns(logged: list[str]) -> list[str]:
     if "eval_loss" in logged:
-        logged.append("loss")  # eval loss is drawn in the loss panel
+        logged = [*logged, "loss"]  # eval loss is drawn in the loss panel
+    grouped = {c for _, columns in GROUPS.values() for c in columns}
     first = [c for c in FIRST_PANELS if c in logged]
-    return first + [c for c in logged if c not in FIRST_PANELS and c not in AXIS_COLUMNS and c != "eval_loss"]
+    return first + [c for c in logged if c not in FIRST_PANELS and c not in AXIS_COLUMNS and c != "eval_loss"
+                    and c not in grouped]
 
 
 def norm_heatmap(norms: list[ModuleNorm], title: str, vmax: float | None = None) -> bytes:
@@ -99,6 +118,29 @@ def line_figure(runs: list[RunData], column: str) -> Figure:
     ax.spines[["top", "right"]].set_visible(False)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(frameon=False, fontsize=8)
+    return fig
+
+
+def group_figure(runs: list[RunData], columns: list[str]) -> Figure:
+    """Several columns against step: one colour per column (one run) or per run (several, a line style per
+    column); eval_* columns, logged at evaluations only, are dashed with markers."""
+    fig = Figure(figsize=(6.0, 3.3), dpi=DPI)
+    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.15, top=0.95)
+    ax = fig.add_subplot()
+    many = len(runs) > 1
+    styles = ("-", ":", "-.", (0, (5, 1)))
+    for run_color, run in zip(run_colors(len(runs)), runs):
+        for i, column in enumerate(columns):
+            x, y = series(run, column)
+            held_out = column.startswith("eval_")
+            ax.plot(x, y, color=run_color if many else COLORS[i % len(COLORS)],
+                    linestyle="--" if held_out else styles[i % len(styles)] if many else "-",
+                    marker="o" if held_out else "." if len(x) <= 30 else None, markersize=4 if held_out else 6,
+                    linewidth=1.2 if held_out else 1.6, label=f"{run.name} {column}" if many else column)
+    ax.set_xlabel("step")
+    ax.grid(True, color="#e5e7eb", linewidth=0.8)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(frameon=False, fontsize=8)
     return fig
 
 

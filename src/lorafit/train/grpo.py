@@ -37,6 +37,7 @@ from lorafit.config import ConfigError
 from lorafit.data import DataError, read_examples
 from lorafit.data.chat import build_prompt_ids
 from lorafit.evaluation.generate import generate_ids
+from lorafit.evaluation.metrics import mean_and_stderr
 from lorafit.run_config import GRPOConfig, RunConfig
 from lorafit.train import loop
 from lorafit.train.batches import step_rows, steps_per_epoch
@@ -325,9 +326,8 @@ def reward_eval(model: Any, tokenizer: Any, prompts: list[Prompt], functions: li
 
 
 def _mean_and_stderr(name: str, values: list[float]) -> dict[str, float]:
-    x = torch.tensor(values, dtype=torch.float64)
-    stderr = (x.std() / math.sqrt(len(x))).item() if len(x) > 1 else float("nan")
-    return {f"{name}_mean": x.mean().item(), f"{name}_stderr": stderr}
+    mean, stderr = mean_and_stderr(values)
+    return {f"{name}_mean": mean, f"{name}_stderr": stderr}
 
 
 def _describe(evaluation: dict[str, Any]) -> str:
