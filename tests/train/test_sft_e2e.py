@@ -41,12 +41,13 @@ def test_train_writes_adapter_metrics_checkpoints_and_summary(tiny_run):
 @pytest.mark.parametrize("variant", [[], ["adapter.use_dora=true", "adapter.init=pissa_niter_2"],
                                      ["training.optimizer=adamw_8bit", "adapter.r=128"]],
                          ids=["lora", "dora-pissa", "adamw_8bit"])  # r 128: A and most B reach bnb's 4096-element 8-bit floor
-def test_resume_reproduces_the_uninterrupted_losses(tiny_run, monkeypatch, variant):
-    full = tiny_run / f"out_a{len(variant)}"
+def test_resume_reproduces_the_uninterrupted_losses(tiny_run, monkeypatch, variant, request):
+    name = request.node.callspec.id  # one folder pair per variant: a used output_dir is refused
+    full = tiny_run / f"out_a-{name}"
     run(tiny_run, f"output_dir={full}", *variant)
     expected = {r["step"]: r["loss"] for r in read_metrics(full / "metrics.jsonl")}
 
-    broken = tiny_run / f"out_b{len(variant)}"
+    broken = tiny_run / f"out_b-{name}"
     real_step = sft.train_step
     calls = {"n": 0}
 
