@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import lorafit
+from lorafit import distributed
 from lorafit.evaluation.eval_sets import evaluate_sets
 from lorafit.run_config import ConfigError, EvaluationConfig, load_run_config
 from lorafit.run_dir import read_metrics
@@ -108,8 +109,9 @@ def test_neftune_changes_training_but_not_evaluation(tiny_run):
     rows_plain, rows_noisy = read_metrics(plain / "metrics.jsonl"), read_metrics(noisy / "metrics.jsonl")
     assert rows_plain[0]["loss"] != rows_noisy[0]["loss"]
     base, tokenizer = lorafit.load_model(str(tiny_run / "model"))
-    adapted = lorafit.load_adapter(base, noisy / "adapter")
+    adapted = lorafit.load_adapter(base, noisy / "adapter", trainable=True)  # wrap() wants trainable parameters
     eval_rows = prepare_rows(str(tiny_run / "eval.jsonl"), tokenizer, max_seq_len=128, packing=True,
                              assistant_only=True).rows
-    clean = sft.eval_loss(adapted, fixed_batches(eval_rows, 1, tokenizer.pad_token_id), adapted.device, False)
+    wrapped = distributed.wrap(adapted, "ddp")  # one process: a plain Runner, as the trainer runs it
+    clean = sft.eval_loss(wrapped, fixed_batches(eval_rows, 1, tokenizer.pad_token_id), adapted.device, False)
     assert rows_noisy[-1]["eval_loss"] == pytest.approx(clean, rel=1e-5)
