@@ -33,15 +33,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lorafit import distributed
-from lorafit.config import ConfigError
 from lorafit.data.preferences import PreferencePair, collate_pairs, read_preferences
 from lorafit.evaluation.generate import generate_ids
 from lorafit.evaluation.metrics import mean_and_stderr
 from lorafit.run_config import RewardSpec, RunConfig
 from lorafit.train import loop
 from lorafit.train.batches import step_rows, steps_per_epoch
-from lorafit.train.dpo_loss import METRICS, backward_micro_batch, evaluate_pairs, precompute_reference
+from lorafit.train.dpo_loss import (
+    METRICS,
+    backward_micro_batch,
+    evaluate_pairs,
+    precompute_reference,
+)
 from lorafit.train.loop import RunResult
 from lorafit.train.reference import StartWeights, reference_start
 from lorafit.train.rewards import RewardFunction, load_rewards, score
@@ -52,9 +55,6 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     """Run DPO as `config` says; the adapter lands in OUTPUT/adapter (PEFT format)."""
     measure = load_measure(config.evaluation.measure)  # a missing file or function fails before any weight loads
     state = loop.begin_run(config, resume, trust_checkpoint, overwrite=overwrite)
-    if distributed.world_size() > 1:
-        raise ConfigError(f"method dpo runs in one process for now, not {distributed.world_size()} (its pairs are "
-                          "not split across ranks yet): launch it without torchrun.")
     result, t, d = state.result, config.training, config.dpo
     loop.load_base_model(state)
     tokenizer = state.tokenizer

@@ -31,9 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lorafit import distributed
 from lorafit.adapters.model import adapters_disabled
-from lorafit.config import ConfigError
 from lorafit.data import DataError, read_examples
 from lorafit.data.chat import build_prompt_ids
 from lorafit.evaluation.generate import generate_ids
@@ -83,9 +81,6 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     functions = load_rewards(config.rewards, config.grpo.reward_timeout_s)  # a missing file or function fails now,
     # before any weight loads; each call runs under grpo.reward_timeout_s
     state = loop.begin_run(config, resume, trust_checkpoint, overwrite=overwrite)
-    if distributed.world_size() > 1:
-        raise ConfigError(f"method grpo runs in one process for now, not {distributed.world_size()} (its sampling is "
-                          "not split across ranks yet): launch it without torchrun, or use method sft.")
     result, t, g = state.result, config.training, config.grpo
     loop.load_base_model(state)
     model, tokenizer = state.model, state.tokenizer
