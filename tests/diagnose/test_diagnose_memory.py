@@ -328,6 +328,7 @@ def test_stock_loss_step_peak_is_activations_plus_hf_logits(dtype, tmp_path):
 @pytest.mark.slow
 def test_real_training_step_peak_matches_the_estimate(smollm2):
     """Two of lorafit's training steps on SmolLM2 (fp32, r=16): the allocator's peak against the estimate."""
+    from lorafit import distributed
     from lorafit.train.batches import MicroBatch
     from lorafit.train.sft import train_step
 
@@ -337,10 +338,11 @@ def test_real_training_step_peak_matches_the_estimate(smollm2):
     ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
     tensors = {"input_ids": ids, "targets": torch.roll(ids, -1, dims=1), "position_ids": torch.arange(128)[None]}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    wrapped = distributed.wrap(model, "ddp")  # one process: a plain Runner, as the trainer runs it
 
     def steps():
         for _ in range(2):  # the second step runs with the optimizer state in place
-            train_step(model, [MicroBatch(tensors, 128, 128)], torch.device("cpu"), use_bf16=False)
+            train_step(wrapped, [MicroBatch(tensors, 128, 128)], torch.device("cpu"), use_bf16=False)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
