@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,8 +66,31 @@ def test_checkpoints_are_named_listed_by_step_and_pruned(tmp_path):
     run.prune_checkpoints(2)
     assert [p.name for p in run.list_checkpoints()] == ["step-00000010", "step-00000100"]
     assert not run.checkpoint_path(2).exists()
+    assert not (run.checkpoints / ".step-00000060.tmp").exists()  # an interrupted save's leftover is removed
     with pytest.raises(RunDirError, match="not a checkpoint folder"):
         checkpoint_step(tmp_path / "adapter")
+
+
+def test_a_kill_while_pruning_leaves_no_checkpoint_with_files_missing(tmp_path, monkeypatch):
+    """The deletion is cut off after its first file (as by kill -9): no step-N folder may be left half deleted."""
+    run = RunDir(tmp_path)
+    for step in (1, 2, 3):
+        run.checkpoint_path(step).mkdir(parents=True)
+        for name in ("rng.json", CHECKPOINT_MANIFEST):
+            (run.checkpoint_path(step) / name).write_text("{}")
+
+    def killed_during_delete(folder, ignore_errors=False):
+        (Path(folder) / "rng.json").unlink()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr("lorafit.run_dir.shutil.rmtree", killed_during_delete)
+        with pytest.raises(KeyboardInterrupt):
+            run.prune_checkpoints(1)
+    assert [p.name for p in run.list_checkpoints()] == ["step-00000003"]
+    assert (run.checkpoint_path(3) / "rng.json").is_file()
+    run.prune_checkpoints(1)  # the next prune removes the half-deleted leftovers
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-00000003"]
 
 
 def test_config_is_written_and_read_back_and_bad_yaml_is_named(tmp_path):

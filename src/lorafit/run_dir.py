@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from lorafit.errors import UserError
-from lorafit.fileio import write_json_atomic, write_text_atomic
+from lorafit.fileio import fsync_directory, write_json_atomic, write_text_atomic
 
 CHECKPOINT_MANIFEST = "manifest.json"  # written last into every checkpoint: a step-N folder without it is incomplete
 LEGACY_CHECKPOINT_STATE = "trainer_state.pt"  # the pickled state of checkpoints before format version 1
@@ -231,9 +231,23 @@ class RunDir:
         return sorted(found, key=checkpoint_step)
 
     def prune_checkpoints(self, keep: int) -> None:
-        """Delete all but the newest `keep` (>= 1) checkpoints."""
+        """Delete all but the newest `keep` (>= 1) checkpoints, and what interrupted saves and deletions left.
+
+        Each old checkpoint is renamed to a hidden name first (one atomic step) and deleted after: a kill during
+        the deletion leaves a hidden folder that listing ignores and the next prune removes, never a step-N folder
+        with files missing. Only the process holding the run folder's lock prunes, so no hidden folder being
+        written by another process is removed."""
+        for leftover in self.checkpoints.glob(".*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        doomed = []
         for old in self.list_checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            doomed.append(old.with_name(f".{old.name}.deleting"))
+            os.replace(old, doomed[-1])
+        if doomed:
+            fsync_directory(self.checkpoints)
+        for folder in doomed:
+            shutil.rmtree(folder, ignore_errors=True)
 
     # ---- summary.json, diagnosis.json ----
 
