@@ -103,18 +103,28 @@ TINY_RUN_ROWS = [("Ship two red mugs to Oslo.", '{"item": "mug", "quantity": 2}'
                  ("Please deliver three pink cups to Paris.", '{"item": "cup", "quantity": 3}')] * 3
 
 
-def write_tiny_run(root: Path) -> Path:
-    """Into `root`: a tiny Llama + ChatML tokenizer saved as model/, train.jsonl and eval.jsonl chats and a run.yaml
-    (6 steps, checkpoints every 2, generation eval); returns root."""
+def save_tiny_chat_llama(folder: Path, hidden_size: int = 32, head_scale: float = 1.0) -> None:
+    """Save a 2-layer GQA Llama (seed 0) with the tiny ChatML tokenizer into `folder`. head_scale > 1 multiplies the
+    output head: logits std 0.1 -> 3 at 30, as in a trained model; random init is otherwise nearly uniform, so a small
+    adapter could not move sequence log-probs or next-token distributions."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_chat_tokenizer()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                                         intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def write_tiny_run(root: Path) -> Path:
+    """Into `root`: a tiny Llama + ChatML tokenizer saved as model/, train.jsonl and eval.jsonl chats and a run.yaml
+    (6 steps, checkpoints every 2, generation eval); returns root."""
+    save_tiny_chat_llama(root / "model")
     for name, rows in (("train", TINY_RUN_ROWS), ("eval", TINY_RUN_ROWS[:4])):
         with open(root / f"{name}.jsonl", "w") as handle:
             handle.writelines(json.dumps({"messages": [{"role": "user", "content": user},

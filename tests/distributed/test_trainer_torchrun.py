@@ -15,7 +15,7 @@ import pytest
 import torch
 from launch import torchrun
 from safetensors.torch import load_file
-from tiny_models import tiny_chat_tokenizer
+from tiny_models import save_tiny_chat_llama
 
 from lorafit.adapters.io import WEIGHTS_NAME
 from lorafit.run_config import load_run_config
@@ -45,16 +45,8 @@ def runs(tmp_path_factory):
     a filler micro-batch; step 4 starts the next epoch),
     trained on 1 process here and on 2 processes by torchrun; then the 2-process FSDP/NF4 run resumed from its
     step-2 checkpoint on 2 processes (python -m lorafit) and on 1."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("trainer")
-    tokenizer = tiny_chat_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_chat_llama(root / "model", hidden_size=64)
     for name, rows in (("train", ROWS), ("eval", ROWS[:5])):
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"messages": [
             {"role": "user", "content": user}, {"role": "assistant", "content": reply}]}) + "\n" for user, reply in rows))

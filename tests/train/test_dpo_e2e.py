@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_chat_tokenizer
+from tiny_models import save_tiny_chat_llama
 
 from lorafit.cli import main
 from lorafit.config import ConfigError
@@ -34,18 +34,8 @@ LN2 = math.log(2)
 def dpo_run(tmp_path_factory):
     """A tiny Llama whose output head is scaled up (so that a small adapter can move sequence log-probs, as in a
     trained model), preference files (chosen short, rejected long), a measure file and a run YAML."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("dpo_run")
-    tokenizer = tiny_chat_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)  # logits std 0.1 -> 3: random init is otherwise nearly uniform
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_chat_llama(root / "model", hidden_size=32, head_scale=30)
     rows = [{"prompt": q, "chosen": s, "rejected": long} for q, s, long in zip(QUESTIONS, SHORT, LONG)]
     rows[1] = {"prompt": [{"role": "user", "content": QUESTIONS[1]}],  # TRL's conversational format too
                "chosen": [{"role": "assistant", "content": SHORT[1]}],

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from tiny_models import tiny_chat_tokenizer
+from tiny_models import save_tiny_chat_llama
 
 from lorafit.cli import main
 from lorafit.run_config import load_run_config
@@ -38,18 +37,8 @@ def flaky(prompts, completions, **fields):
 def grpo_run(tmp_path_factory):
     """A tiny Llama whose output head is scaled up (so that a small adapter can reshape its next-token
     distribution, as in a trained model), prompt files with a field the rewards read, a run YAML."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("grpo_run")
-    tokenizer = tiny_chat_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)  # logits std 0.1 -> 3: random init is otherwise nearly uniform
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_chat_llama(root / "model", hidden_size=32, head_scale=30)
     for name, count in (("train", 8), ("eval", 4)):
         rows = [{"messages": [{"role": "user", "content": QUESTIONS[i % 4]}], "letters": "aeiou"} for i in range(count)]
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
