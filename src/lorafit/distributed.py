@@ -24,6 +24,7 @@ What a trainer does, on every rank:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lorafit.adapters import io as adapter_io
@@ -193,6 +194,35 @@ def share(items: list[T], rank: int, world_size: int) -> list[T]:
     return items[rank::world_size]
 
 
+def rank_chunks(items: list[T], chunk_size: int, *, rank: int, world_size: int) -> list[tuple[list[T], bool]]:
+    """This rank's share of one step's items (`share`) cut into chunks of `chunk_size`, as (chunk, real) pairs,
+    followed by filler chunks (real False) up to the count every rank runs: ceil(ceil(len(items) / world_size) /
+    chunk_size).
+
+    Each forward and backward under DDP/FSDP is a collective that every rank must enter the same number of times;
+    a rank with fewer items (the count is not a multiple of world_size) runs a filler, a copy of one item (its
+    share's first, else the step's first), and multiplies its loss and sums by 0. No items: no chunks. In a world
+    of one: the items in order, in chunks, all real.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: a chunk holds at least one item.")
+    mine = share(items, rank, world_size)
+    chunks = [(mine[i:i + chunk_size], True) for i in range(0, len(mine), chunk_size)]
+    needed = math.ceil(math.ceil(len(items) / world_size) / chunk_size)
+    filler = (mine or items)[:1]
+    return chunks + [(filler, False)] * (needed - len(chunks))
+
+
+def gather_shares(mine: torch.Tensor, count: int) -> torch.Tensor:
+    """Put every rank's per-item results back into the global order: `mine` holds one row per item of this rank's
+    share of `count` items (share: items[rank::world_size]); returns the (count, ...) float64 tensor of all ranks'
+    rows on every rank (exact: the rows are placed in zeros and summed). A collective; identity in a world of one."""
+    rank_, world = rank(), world_size()
+    full = torch.zeros((count, *mine.shape[1:]), dtype=torch.float64)
+    full[rank_::world] = mine.detach().to("cpu", torch.float64)
+    return all_reduce_sum(full)
+
+
 def all_reduce_sum(value: T) -> T:
     """The sum of `value` over all ranks (an int, float or tensor; returns the same kind); identity in a world of one.
 
@@ -305,6 +335,19 @@ def wrap(model: nn.Module, strategy: str, *, reshard_after_forward: bool = True,
     if after != trainable:
         raise AssertionError(f"sharding changed which parameters train: {sorted(after ^ trainable)[:3]}")
     return runner
+
+
+def shard_like(tensors: dict[str, torch.Tensor], wrapped: nn.Module) -> dict[str, torch.Tensor]:
+    """Full tensors keyed by parameter name (e.g. a copy of the adapter taken before wrap) laid out like the
+    wrapped model's parameters of those names: sharded DTensors where FSDP sharded the parameter, unchanged
+    elsewhere; so they can be copied into the parameters in place. Every rank must call it (the same full values)."""
+    params = dict(unwrap(wrapped).named_parameters())
+    out = {}
+    for name, value in tensors.items():
+        param = params[name]
+        out[name] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements) \
+            if isinstance(param, DTensor) else value
+    return out
 
 
 def holds_full_model(wrapped: nn.Module) -> bool:
