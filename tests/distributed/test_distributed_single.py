@@ -44,6 +44,27 @@ def test_rank_micro_batches_give_every_rank_the_same_number_of_passes(count, wor
             assert batch.targets == int((batch.tensors["targets"] != IGNORE).sum())
 
 
+@pytest.mark.parametrize("count,world,size", [(0, 2, 1), (1, 2, 1), (5, 2, 2), (3, 4, 1), (8, 2, 3), (7, 3, 2)])
+def test_rank_chunks_cover_every_item_once_in_the_same_number_of_chunks(count, world, size):
+    items = list(range(count))
+    per_rank = [distributed.rank_chunks(items, size, rank=r, world_size=world) for r in range(world)]
+    assert len({len(chunks) for chunks in per_rank}) == 1  # the same number of forward passes (collectives)
+    assert len(per_rank[0]) == -(-(-(-count // world)) // size)  # ceil(ceil(count / world) / size)
+    real = [i for chunks in per_rank for chunk, is_real in chunks if is_real for i in chunk]
+    assert sorted(real) == items  # the real chunks hold each item exactly once
+    for rank, chunks in enumerate(per_rank):
+        assert [i for chunk, is_real in chunks if is_real for i in chunk] == distributed.share(items, rank, world)
+        assert all(1 <= len(chunk) <= size for chunk, _ in chunks)  # a filler is a real item, never empty
+    assert distributed.rank_chunks(items, size, rank=0, world_size=1) == \
+        [(items[i:i + size], True) for i in range(0, count, size)]
+
+
+def test_gather_shares_in_a_world_of_one_returns_the_rows_in_float64():
+    rows_ = torch.tensor([[1.5, -2.0], [0.25, 3.0], [7.0, 8.0]], dtype=torch.float32)
+    gathered = distributed.gather_shares(rows_, 3)
+    assert gathered.dtype == torch.float64 and torch.equal(gathered, rows_.double())
+
+
 def test_world_of_one_is_the_single_process_path():
     step = rows(5)
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
@@ -90,3 +111,19 @@ def test_strategy_choice_follows_the_memory_estimate():
     with pytest.raises(ConfigError, match="strategy='fsdp1'"):
         distributed.choose_strategy("fsdp1", 1, 1)
     assert distributed.device_memory_bytes(torch.device("cpu")) > 10**8
+
+
+def test_grpo_under_several_processes_is_refused_before_the_run_folder_is_touched(tmp_path, monkeypatch):
+    """GRPO still runs in one process (its sampling is not split across ranks): under torchrun begin_run says so
+    and names the methods that do run on several processes (sft, dpo)."""
+    from lorafit.run_config import load_run_config
+    from lorafit.train import loop
+
+    (tmp_path / "rewards.py").write_text("def correct(prompts, completions, **fields):\n    return [0.0] * len(completions)\n")
+    (tmp_path / "run.yaml").write_text(f"model: tiny\nmethod: grpo\noutput_dir: {tmp_path / 'out'}\n"
+                                       "data: {train: prompts.jsonl}\nrewards: [rewards.py:correct]\n")
+    config = load_run_config(tmp_path / "run.yaml")
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ConfigError, match=r"method grpo runs in one process for now, not 2 .* method sft or dpo"):
+        loop.begin_run(config)
+    assert not (tmp_path / "out").exists()
