@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import wraps
@@ -39,7 +40,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
-from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -330,6 +331,7 @@ def wrap(model: nn.Module, strategy: str, *, reshard_after_forward: bool = True,
     offload = CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if cpu_offload else OffloadPolicy()
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload)
+    runner.blocks_reshard_after_forward = reshard_after_forward  # full_weights restores it
     fully_shard(runner, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
     after = {name for name, p in model.named_parameters() if p.requires_grad}
     if after != trainable:
@@ -350,10 +352,33 @@ def shard_like(tensors: dict[str, torch.Tensor], wrapped: nn.Module) -> dict[str
     return out
 
 
-def holds_full_model(wrapped: nn.Module) -> bool:
-    """Whether this rank holds every weight whole (one process, or a DDP replica), so it can run the model on its
-    own (e.g. generate its share of replies); False under FSDP, where weights are sharded."""
-    return not any(isinstance(p, DTensor) for p in unwrap(wrapped).parameters())
+@contextmanager
+def full_weights(wrapped: nn.Module) -> Iterator[nn.Module]:
+    """Within the block this rank holds every weight whole and can run the model on its own, any number of times
+    (e.g. generate replies to its share of prompts, however many tokens each takes); yields the unwrapped model.
+
+    Under FSDP2 every sharded module is all-gathered once on entry (a collective: every rank must enter) and kept
+    unsharded through the block's forwards (reshard-after-forward off, as torch documents for evaluation), so
+    the forwards inside run no collective; on exit the shards are restored, with the blocks' reshard setting.
+    The block costs the whole model's weights in memory on each rank. One process or DDP: a no-op.
+    """
+    model = unwrap(wrapped)
+    sharded = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+    if not sharded:
+        yield model
+        return
+    blocks = [m for m in sharded if m is not wrapped]
+    for module in sharded:
+        module.unshard()
+    for block in blocks:
+        block.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for block in blocks:
+            block.set_reshard_after_forward(wrapped.blocks_reshard_after_forward, recurse=False)
+        for module in sharded:
+            module.reshard()
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

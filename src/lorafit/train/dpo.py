@@ -126,12 +126,9 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
         with state.timed("eval_after"):
             done = final_eval if final_eval is not None and progress.step == state.total_steps else held_out()
             result.eval_after = evaluation_summary(done, len(eval_pairs))
-            if generate and distributed.holds_full_model(state.wrapped):
-                result.eval_after.update(behaviour_eval(model, tokenizer, generation_pairs, measure, config))
-            elif generate:
-                distributed.print_main("note: the greedy replies after training are not generated under FSDP yet "
-                                       "(its weights are sharded); run `lorafit generate` with the saved adapter, "
-                                       "or use distributed.strategy: ddp.")
+            if generate:
+                with distributed.full_weights(state.wrapped):  # under FSDP: every weight whole on every rank
+                    result.eval_after.update(behaviour_eval(model, tokenizer, generation_pairs, measure, config))
         distributed.print_main(_side_by_side(result.eval_before, result.eval_after))
     return loop.finish(state)
 
