@@ -368,6 +368,7 @@ def full_weights(wrapped: nn.Module) -> Iterator[nn.Module]:
         yield model
         return
     blocks = [m for m in sharded if m is not wrapped]
+    wrapped(_no_op)  # FSDP2 initialises lazily in its root's first forward, which must come before any block's
     for module in sharded:
         module.unshard()
     for block in blocks:
@@ -379,6 +380,10 @@ def full_weights(wrapped: nn.Module) -> Iterator[nn.Module]:
             block.set_reshard_after_forward(wrapped.blocks_reshard_after_forward, recurse=False)
         for module in sharded:
             module.reshard()
+
+
+def _no_op(model: nn.Module) -> None:
+    """A forward that computes nothing (full_weights runs it through the FSDP root)."""
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

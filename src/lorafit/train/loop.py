@@ -51,7 +51,7 @@ from lorafit.train.compile import compile_blocks
 from lorafit.train.optimizers import make_optimizer
 from lorafit.train.schedule import make_scheduler
 
-MULTI_PROCESS_METHODS = ("sft", "dpo")  # methods whose trainer splits each step across torchrun's processes
+MULTI_PROCESS_METHODS = ("sft", "dpo", "grpo")  # methods whose trainer splits each step across torchrun's processes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
