@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny_models import VOCAB, build_tiny
@@ -49,7 +51,7 @@ def test_rank_chunks_cover_every_item_once_in_the_same_number_of_chunks(count, w
     items = list(range(count))
     per_rank = [distributed.rank_chunks(items, size, rank=r, world_size=world) for r in range(world)]
     assert len({len(chunks) for chunks in per_rank}) == 1  # the same number of forward passes (collectives)
-    assert len(per_rank[0]) == -(-(-(-count // world)) // size)  # ceil(ceil(count / world) / size)
+    assert len(per_rank[0]) == math.ceil(math.ceil(count / world) / size)
     real = [i for chunks in per_rank for chunk, is_real in chunks if is_real for i in chunk]
     assert sorted(real) == items  # the real chunks hold each item exactly once
     for rank, chunks in enumerate(per_rank):
@@ -112,18 +114,3 @@ def test_strategy_choice_follows_the_memory_estimate():
         distributed.choose_strategy("fsdp1", 1, 1)
     assert distributed.device_memory_bytes(torch.device("cpu")) > 10**8
 
-
-def test_grpo_under_several_processes_is_refused_before_the_run_folder_is_touched(tmp_path, monkeypatch):
-    """GRPO still runs in one process (its sampling is not split across ranks): under torchrun begin_run says so
-    and names the methods that do run on several processes (sft, dpo)."""
-    from lorafit.run_config import load_run_config
-    from lorafit.train import loop
-
-    (tmp_path / "rewards.py").write_text("def correct(prompts, completions, **fields):\n    return [0.0] * len(completions)\n")
-    (tmp_path / "run.yaml").write_text(f"model: tiny\nmethod: grpo\noutput_dir: {tmp_path / 'out'}\n"
-                                       "data: {train: prompts.jsonl}\nrewards: [rewards.py:correct]\n")
-    config = load_run_config(tmp_path / "run.yaml")
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    with pytest.raises(ConfigError, match=r"method grpo runs in one process for now, not 2 .* method sft or dpo"):
-        loop.begin_run(config)
-    assert not (tmp_path / "out").exists()

@@ -145,7 +145,7 @@ def test_a_killed_rank_ends_every_rank_and_resume_finishes_the_run(root):
     assert max(steps) < STEPS
 
     finished = subprocess.run([sys.executable, *_train_args(root, out, "--resume")], env=_env(), capture_output=True,
-                              text=True, timeout=600)  # one process
+                              text=True, timeout=600, check=False)  # one process
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert not (out / ".lock").exists()
     want, got = read_metrics(reference / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")

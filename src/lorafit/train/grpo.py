@@ -8,6 +8,12 @@ One step of `train`:
      when training goes on from a saved adapter (init_adapter) or trains biases, the starting weights swapped in
   -> per-token loss -min(ratio A, clip(ratio, 1-eps, 1+eps) A) + beta KL_k3, averaged over the step's
      completion tokens -> num_iterations optimiser steps on these samples.
+Under torchrun (N processes) every rank takes the same step's prompts and works on its share of whole prompts
+(distributed.rank_chunks: a group never leaves its rank, so its advantages are those of one process): it samples
+their groups (with its own generator; under FSDP with the weights unsharded for the sampling, distributed.full_weights,
+which costs the whole model's weights on each rank while it samples), scores them, runs the reference and update
+passes through the wrapped model, and normalises the loss by the step's completion tokens over all ranks; the
+logged reward figures are gathered from every rank. Given the same completions, N processes take the steps of one.
 The formulas follow TRL's GRPOTrainer (FACTS.md §7): Bessel-corrected group std, log-probs of
 logits / temperature, ratio to the policy that sampled (logp_old), k3 estimator exp(d) - d - 1 with
 d = logp_ref - logp, and token-level averaging over the whole step (TRL's "bnpo" aggregation).
@@ -28,6 +34,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -130,7 +137,7 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
             bounds = [0]
             for chunk, _ in chunks:
                 bounds.append(bounds[-1] + len(chunk) * g.num_generations)
-            batches = [sequence_batch(samples, advantages, a, b, pad, model.device) for a, b in zip(bounds, bounds[1:])]
+            batches = [sequence_batch(samples, advantages, a, b, pad, model.device) for a, b in pairwise(bounds)]
             weights = [1.0 if real else 0.0 for _, real in chunks]
             with state.timed("reference"):
                 refs = [wrapped(reference_logprobs, b, g.temperature, use_bf16, start) if g.beta else None
@@ -225,7 +232,7 @@ def _rank_generator(state: loop.RunState) -> Iterator[None]:
         return
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        seed = (state.config.training.seed * 1_000_003 + state.trainer.step) * 4_099 + ctx.rank
+        seed = (state.config.training.seed * 2**32 + state.trainer.step) * 2**20 + ctx.rank  # distinct per (step, rank)
         torch.manual_seed(seed % 2**63)
         yield
 
