@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import wraps
@@ -331,7 +330,7 @@ def wrap(model: nn.Module, strategy: str, *, reshard_after_forward: bool = True,
     offload = CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if cpu_offload else OffloadPolicy()
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload)
-    runner.blocks_reshard_after_forward = reshard_after_forward  # full_weights restores it
+    runner.blocks_reshard_after_forward = reshard_after_forward  # run_whole restores it
     fully_shard(runner, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
     after = {name for name, p in model.named_parameters() if p.requires_grad}
     if after != trainable:
@@ -352,29 +351,30 @@ def shard_like(tensors: dict[str, torch.Tensor], wrapped: nn.Module) -> dict[str
     return out
 
 
-@contextmanager
-def full_weights(wrapped: nn.Module) -> Iterator[nn.Module]:
-    """Within the block this rank holds every weight whole and can run the model on its own, any number of times
-    (e.g. generate replies to its share of prompts, however many tokens each takes); yields the unwrapped model.
+def run_whole(wrapped: nn.Module, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(model, *args, **kwargs) with every weight whole on this rank, so that fn can run the model on its own any
+    number of times (e.g. generate replies to its share of prompts, however many tokens each takes, which differs
+    between ranks). Every rank must call it; returns fn's result.
 
-    Under FSDP2 every sharded module is all-gathered once on entry (a collective: every rank must enter) and kept
-    unsharded through the block's forwards (reshard-after-forward off, as torch documents for evaluation), so
-    the forwards inside run no collective; on exit the shards are restored, with the blocks' reshard setting.
-    The block costs the whole model's weights in memory on each rank. One process or DDP: a no-op.
+    One process or DDP (each rank holds the whole model): fn runs on the unwrapped model, outside DDP's forward
+    (which would broadcast buffers, a collective, at every call). FSDP2: every sharded module is all-gathered once
+    (after a no-op forward of the root, where FSDP2 initialises lazily), the blocks keep their weights through
+    their forwards (reshard-after-forward off, as torch documents for evaluation), and fn runs inside the root's
+    forward: there the blocks' hooks see an iteration in progress and run no collective. On the way out the
+    shards are restored, with the blocks' reshard setting. Costs the whole model's weights on each rank while fn
+    runs.
     """
-    model = unwrap(wrapped)
     sharded = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
     if not sharded:
-        yield model
-        return
+        return fn(unwrap(wrapped), *args, **kwargs)
     blocks = [m for m in sharded if m is not wrapped]
-    wrapped(_no_op)  # FSDP2 initialises lazily in its root's first forward, which must come before any block's
+    wrapped(_no_op)
     for module in sharded:
         module.unshard()
     for block in blocks:
         block.set_reshard_after_forward(False, recurse=False)
     try:
-        yield model
+        return wrapped(fn, *args, **kwargs)
     finally:
         for block in blocks:
             block.set_reshard_after_forward(wrapped.blocks_reshard_after_forward, recurse=False)
@@ -383,7 +383,7 @@ def full_weights(wrapped: nn.Module) -> Iterator[nn.Module]:
 
 
 def _no_op(model: nn.Module) -> None:
-    """A forward that computes nothing (full_weights runs it through the FSDP root)."""
+    """A forward that computes nothing (run_whole runs it through the FSDP root)."""
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

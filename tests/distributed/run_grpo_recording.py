@@ -18,8 +18,8 @@ from lorafit.train import grpo
 def record_into(folder: Path) -> None:
     sample = grpo.sample
 
-    def recorded(state, prompts, functions):
-        samples = sample(state, prompts, functions)
+    def recorded(model, state, prompts, functions):
+        samples = sample(model, state, prompts, functions)
         entry = {"run": str(state.config.output_dir), "step": state.trainer.step, "rank": distributed.rank(),
                  "sources": [p.source for p in prompts], "completion_ids": samples.completion_ids}
         with open(folder / f"samples-rank{distributed.rank()}.jsonl", "a", encoding="utf-8") as handle:

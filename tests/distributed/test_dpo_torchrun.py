@@ -7,7 +7,8 @@ losses, grad norms and held-out figures at rtol 1e-5 (the SFT equality tests' to
 of terms in another order differ by ~1e-7 relative), and the saved adapters within 1e-5.
 
 7 training pairs, 3 a step, 1 per micro-batch: shares of 2 and 1, so rank 1 runs a filler micro-batch each step;
-5 held-out pairs in batches of 2: shares of 3 and 2, so rank 1 runs a filler in every evaluation.
+5 held-out pairs in batches of 2: shares of 3 and 2, so rank 1 runs a filler in every evaluation, and after
+training rank 0 generates in 2 batches, rank 1 in 1 (the generation under FSDP must run no collective).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ held-out rewards at rtol 1e-5, as the SFT and DPO equality tests (fp32 sums in a
 the loss also within 1e-6 absolute, see below); the saved adapters within 1e-5.
 
 5 prompts, 3 a step, 1 per micro-batch: a step of 3 prompts gives shares of 2 and 1, so rank 1 samples and runs a
-filler group (weight 0); the epoch's second step has 2 prompts, 1 each; 3 held-out prompts: shares of 2 and 1.
+filler group (weight 0); the epoch's second step has 2 prompts, 1 each; 3 held-out prompts in batches of 2: shares of 2 and 1.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ distributed: {{timeout_minutes: 5}}
 def replay_two_process_samples(root: Path, out: Path, recorded: dict, twin: str) -> None:
     """A 1-process run whose completions are its 2-process twin's, put back into the order one process samples:
     prompt i of a step was sampled by rank i % 2 as its (i // 2)-th prompt (distributed.share)."""
-    def replay(state, prompts, functions):
+    def replay(model, state, prompts, functions):
         by_rank = recorded[(twin, state.trainer.step)]
         ids = []
         for i, prompt in enumerate(prompts):

@@ -127,8 +127,8 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
             done = final_eval if final_eval is not None and progress.step == state.total_steps else held_out()
             result.eval_after = evaluation_summary(done, len(eval_pairs))
             if generate:
-                with distributed.full_weights(state.wrapped):  # under FSDP: every weight whole on every rank
-                    result.eval_after.update(behaviour_eval(model, tokenizer, generation_pairs, measure, config))
+                result.eval_after.update(distributed.run_whole(state.wrapped, behaviour_eval, tokenizer,
+                                                               generation_pairs, measure, config))
         distributed.print_main(_side_by_side(result.eval_before, result.eval_after))
     return loop.finish(state)
 

@@ -10,7 +10,7 @@ One step of `train`:
      completion tokens -> num_iterations optimiser steps on these samples.
 Under torchrun (N processes) every rank takes the same step's prompts and works on its share of whole prompts
 (distributed.rank_chunks: a group never leaves its rank, so its advantages are those of one process): it samples
-their groups (with its own generator; under FSDP with the weights unsharded for the sampling, distributed.full_weights,
+their groups (with its own generator; under FSDP with the weights unsharded for the sampling, distributed.run_whole,
 which costs the whole model's weights on each rank while it samples), scores them, runs the reference and update
 passes through the wrapped model, and normalises the loss by the step's completion tokens over all ranks; the
 logged reward figures are gathered from every rank. Given the same completions, N processes take the steps of one.
@@ -131,8 +131,8 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
             # this rank's whole prompts (a group is never split across ranks), micro_batch_size prompts a pass
             chunks = distributed.rank_chunks(prompts, t.micro_batch_size or t.batch_size, rank=ctx.rank,
                                              world_size=ctx.world_size)
-            with distributed.full_weights(wrapped):
-                samples = sample(state, [p for chunk, _ in chunks for p in chunk], functions)
+            samples = distributed.run_whole(wrapped, sample, state, [p for chunk, _ in chunks for p in chunk],
+                                            functions)
             advantages = group_advantages(samples.rewards, g.num_generations, g.scale_rewards)
             bounds = [0]
             for chunk, _ in chunks:
@@ -164,8 +164,8 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
                    **{k: round(v, 3) for k, v in times.items()}}
             if evaluate and config.evaluation.every and (progress.step % config.evaluation.every == 0
                                                          or progress.step == state.total_steps):
-                with distributed.full_weights(wrapped):
-                    row["eval_reward"] = reward_eval(model, tokenizer, eval_prompts, functions, config)["reward_mean"]
+                row["eval_reward"] = distributed.run_whole(wrapped, reward_eval, tokenizer, eval_prompts, functions,
+                                                           config)["reward_mean"]
             loop.end_step(state, row, force_log="eval_reward" in row)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", gen_s=f"{times['generation_s']:.1f}",
                             train_s=f"{times['reference_s'] + times['update_s']:.1f}", refresh=False)
@@ -175,8 +175,8 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
 
     loop.save_final_adapter(state)
     if evaluate:
-        with state.timed("eval_after"), distributed.full_weights(wrapped):
-            result.eval_after = reward_eval(model, tokenizer, eval_prompts, functions, config)
+        with state.timed("eval_after"):
+            result.eval_after = distributed.run_whole(wrapped, reward_eval, tokenizer, eval_prompts, functions, config)
         distributed.print_main(_side_by_side(result))
     return loop.finish(state)
 
@@ -205,7 +205,7 @@ def step_prompts(prompts: list[Prompt], step: int, batch_size: int, seed: int) -
     return step_rows(prompts, step, batch_size=batch_size, seed=seed)
 
 
-def sample(state: loop.RunState, prompts: list[Prompt], functions: list[RewardFunction]) -> Samples:
+def sample(model: Any, state: loop.RunState, prompts: list[Prompt], functions: list[RewardFunction]) -> Samples:
     """num_generations sampled completions per prompt of the run's model, scored; timed as generation and rewards.
 
     One process draws from the global torch generator (a seeded run repeats). Under several processes each rank
@@ -216,7 +216,7 @@ def sample(state: loop.RunState, prompts: list[Prompt], functions: list[RewardFu
     g, tokenizer = state.config.grpo, state.tokenizer
     repeated = [p for p in prompts for _ in range(g.num_generations)]
     with state.timed("generation"), _rank_generator(state):
-        completion_ids = generate_ids(state.model, tokenizer, [p.ids for p in repeated],
+        completion_ids = generate_ids(model, tokenizer, [p.ids for p in repeated],
                                       max_new_tokens=g.max_new_tokens, batch_size=len(repeated),
                                       temperature=g.temperature, top_p=g.top_p)
     with state.timed("rewards"):
@@ -389,7 +389,7 @@ def reward_eval(model: Any, tokenizer: Any, prompts: list[Prompt], functions: li
                 config: RunConfig) -> dict[str, Any]:
     """Greedy completions of the held-out prompts: mean total reward and per function, each with its standard error.
     Under several processes each rank answers its share (distributed.share) with the whole model (in
-    distributed.full_weights under FSDP) and the figures are gathered; the samples shown are rank 0's first three.
+    distributed.run_whole under FSDP) and the figures are gathered; the samples shown are rank 0's first three.
     Every rank must call it."""
     mine = distributed.share(prompts, distributed.rank(), distributed.world_size())
     completion_ids = generate_ids(model, tokenizer, [p.ids for p in mine],
