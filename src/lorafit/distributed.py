@@ -24,6 +24,7 @@ What a trainer does, on every rank:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -38,8 +39,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
-from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lorafit.adapters import io as adapter_io
@@ -193,6 +194,35 @@ def share(items: list[T], rank: int, world_size: int) -> list[T]:
     return items[rank::world_size]
 
 
+def rank_chunks(items: list[T], chunk_size: int, *, rank: int, world_size: int) -> list[tuple[list[T], bool]]:
+    """This rank's share of one step's items (`share`) cut into chunks of `chunk_size`, as (chunk, real) pairs,
+    followed by filler chunks (real False) up to the count every rank runs: ceil(ceil(len(items) / world_size) /
+    chunk_size).
+
+    Each forward and backward under DDP/FSDP is a collective that every rank must enter the same number of times;
+    a rank with fewer items (the count is not a multiple of world_size) runs a filler, a copy of one item (its
+    share's first, else the step's first), and multiplies its loss and sums by 0. No items: no chunks. In a world
+    of one: the items in order, in chunks, all real.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: a chunk holds at least one item.")
+    mine = share(items, rank, world_size)
+    chunks = [(mine[i:i + chunk_size], True) for i in range(0, len(mine), chunk_size)]
+    needed = math.ceil(math.ceil(len(items) / world_size) / chunk_size)
+    filler = (mine or items)[:1]
+    return chunks + [(filler, False)] * (needed - len(chunks))
+
+
+def gather_shares(mine: torch.Tensor, count: int) -> torch.Tensor:
+    """Put every rank's per-item results back into the global order: `mine` holds one row per item of this rank's
+    share of `count` items (share: items[rank::world_size]); returns the (count, ...) float64 tensor of all ranks'
+    rows on every rank (exact: the rows are placed in zeros and summed). A collective; identity in a world of one."""
+    rank_, world = rank(), world_size()
+    full = torch.zeros((count, *mine.shape[1:]), dtype=torch.float64)
+    full[rank_::world] = mine.detach().to("cpu", torch.float64)
+    return all_reduce_sum(full)
+
+
 def all_reduce_sum(value: T) -> T:
     """The sum of `value` over all ranks (an int, float or tensor; returns the same kind); identity in a world of one.
 
@@ -300,6 +330,7 @@ def wrap(model: nn.Module, strategy: str, *, reshard_after_forward: bool = True,
     offload = CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if cpu_offload else OffloadPolicy()
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=offload)
+    runner.blocks_reshard_after_forward = reshard_after_forward  # run_whole restores it
     fully_shard(runner, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
     after = {name for name, p in model.named_parameters() if p.requires_grad}
     if after != trainable:
@@ -307,10 +338,52 @@ def wrap(model: nn.Module, strategy: str, *, reshard_after_forward: bool = True,
     return runner
 
 
-def holds_full_model(wrapped: nn.Module) -> bool:
-    """Whether this rank holds every weight whole (one process, or a DDP replica), so it can run the model on its
-    own (e.g. generate its share of replies); False under FSDP, where weights are sharded."""
-    return not any(isinstance(p, DTensor) for p in unwrap(wrapped).parameters())
+def shard_like(tensors: dict[str, torch.Tensor], wrapped: nn.Module) -> dict[str, torch.Tensor]:
+    """Full tensors keyed by parameter name (e.g. a copy of the adapter taken before wrap) laid out like the
+    wrapped model's parameters of those names: sharded DTensors where FSDP sharded the parameter, unchanged
+    elsewhere; so they can be copied into the parameters in place. Every rank must call it (the same full values)."""
+    params = dict(unwrap(wrapped).named_parameters())
+    out = {}
+    for name, value in tensors.items():
+        param = params[name]
+        out[name] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements) \
+            if isinstance(param, DTensor) else value
+    return out
+
+
+def run_whole(wrapped: nn.Module, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(model, *args, **kwargs) with every weight whole on this rank, so that fn can run the model on its own any
+    number of times (e.g. generate replies to its share of prompts, however many tokens each takes, which differs
+    between ranks). Every rank must call it; returns fn's result.
+
+    One process or DDP (each rank holds the whole model): fn runs on the unwrapped model, outside DDP's forward
+    (which would broadcast buffers, a collective, at every call). FSDP2: every sharded module is all-gathered once
+    (after a no-op forward of the root, where FSDP2 initialises lazily), the blocks keep their weights through
+    their forwards (reshard-after-forward off, as torch documents for evaluation), and fn runs inside the root's
+    forward: there the blocks' hooks see an iteration in progress and run no collective. On the way out the
+    shards are restored, with the blocks' reshard setting. Costs the whole model's weights on each rank while fn
+    runs.
+    """
+    sharded = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+    if not sharded:
+        return fn(unwrap(wrapped), *args, **kwargs)
+    blocks = [m for m in sharded if m is not wrapped]
+    wrapped(_no_op)
+    for module in sharded:
+        module.unshard()
+    for block in blocks:
+        block.set_reshard_after_forward(False, recurse=False)
+    try:
+        return wrapped(fn, *args, **kwargs)
+    finally:
+        for block in blocks:
+            block.set_reshard_after_forward(wrapped.blocks_reshard_after_forward, recurse=False)
+        for module in sharded:
+            module.reshard()
+
+
+def _no_op(model: nn.Module) -> None:
+    """A forward that computes nothing (run_whole runs it through the FSDP root)."""
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

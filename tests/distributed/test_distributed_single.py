@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny_models import VOCAB, build_tiny
@@ -42,6 +44,27 @@ def test_rank_micro_batches_give_every_rank_the_same_number_of_passes(count, wor
     for batches in per_rank:
         for batch in batches:
             assert batch.targets == int((batch.tensors["targets"] != IGNORE).sum())
+
+
+@pytest.mark.parametrize("count,world,size", [(0, 2, 1), (1, 2, 1), (5, 2, 2), (3, 4, 1), (8, 2, 3), (7, 3, 2)])
+def test_rank_chunks_cover_every_item_once_in_the_same_number_of_chunks(count, world, size):
+    items = list(range(count))
+    per_rank = [distributed.rank_chunks(items, size, rank=r, world_size=world) for r in range(world)]
+    assert len({len(chunks) for chunks in per_rank}) == 1  # the same number of forward passes (collectives)
+    assert len(per_rank[0]) == math.ceil(math.ceil(count / world) / size)
+    real = [i for chunks in per_rank for chunk, is_real in chunks if is_real for i in chunk]
+    assert sorted(real) == items  # the real chunks hold each item exactly once
+    for rank, chunks in enumerate(per_rank):
+        assert [i for chunk, is_real in chunks if is_real for i in chunk] == distributed.share(items, rank, world)
+        assert all(1 <= len(chunk) <= size for chunk, _ in chunks)  # a filler is a real item, never empty
+    assert distributed.rank_chunks(items, size, rank=0, world_size=1) == \
+        [(items[i:i + size], True) for i in range(0, count, size)]
+
+
+def test_gather_shares_in_a_world_of_one_returns_the_rows_in_float64():
+    rows_ = torch.tensor([[1.5, -2.0], [0.25, 3.0], [7.0, 8.0]], dtype=torch.float32)
+    gathered = distributed.gather_shares(rows_, 3)
+    assert gathered.dtype == torch.float64 and torch.equal(gathered, rows_.double())
 
 
 def test_world_of_one_is_the_single_process_path():
@@ -90,3 +113,4 @@ def test_strategy_choice_follows_the_memory_estimate():
     with pytest.raises(ConfigError, match="strategy='fsdp1'"):
         distributed.choose_strategy("fsdp1", 1, 1)
     assert distributed.device_memory_bytes(torch.device("cpu")) > 10**8
+

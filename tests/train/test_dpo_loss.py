@@ -13,6 +13,7 @@ from tiny_models import build_tiny, randomize_adapters
 import lorafit
 import lorafit.train.loss as loss_module
 from lorafit.data.preferences import PreferencePair, collate_pairs, split_pairs
+from lorafit.distributed import Runner
 from lorafit.run_config import DPOConfig, RunConfig
 from lorafit.train.dpo_loss import (
     METRICS,
@@ -136,7 +137,7 @@ def test_loss_and_gradients_match_fp64_formula(arch, micro, loss):
     sums = dict.fromkeys(("loss", *METRICS), 0.0)
     for start in range(0, len(PAIRS), micro):
         batch = collate_pairs(PAIRS[start : start + micro], PAD)
-        for key, value in backward_micro_batch(model, batch, None, d, step_pairs=len(PAIRS)).items():
+        for key, value in backward_micro_batch(Runner(model), batch, None, d, scale=1 / len(PAIRS)).items():
             sums[key] += value
 
     expected = _fp64_loss(model64, base64, d)
@@ -256,10 +257,10 @@ def test_precomputed_reference_gives_the_same_step():
         chosen, rejected = split_pairs(reference_logps(model, batch, None))
     assert [p.ref_chosen_logp for p in pairs] == pytest.approx(chosen.tolist(), abs=1e-6)
     assert [p.ref_rejected_logp for p in pairs] == pytest.approx(rejected.tolist(), abs=1e-6)
-    on_the_fly = backward_micro_batch(model, batch, None, d, step_pairs=4)
+    on_the_fly = backward_micro_batch(Runner(model), batch, None, d, scale=1 / 4)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    precomputed = backward_micro_batch(model, collate_pairs(pairs, PAD), None, d, step_pairs=4)
+    precomputed = backward_micro_batch(Runner(model), collate_pairs(pairs, PAD), None, d, scale=1 / 4)
     assert precomputed == pytest.approx(on_the_fly, abs=1e-5)
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -270,7 +271,7 @@ def test_evaluate_pairs_means_and_accuracy():
     _, model = _adapted()
     randomize_adapters(model)
     d = _config("sigmoid")
-    result = evaluate_pairs(model, PAIRS, None, d, PAD, batch_size=3)
+    result = evaluate_pairs(Runner(model), PAIRS, None, d, PAD, batch_size=3)
     with torch.no_grad():
         losses, metrics = pair_losses(model, collate_pairs(PAIRS, PAD), None, d)
     assert result["loss"] == pytest.approx(losses.mean().item(), abs=1e-6)

@@ -11,6 +11,7 @@ import torch
 from tiny_models import build_tiny, randomize_adapters, tiny_chat_tokenizer
 
 import lorafit
+from lorafit.distributed import Runner
 from lorafit.run_config import GRPOConfig
 from lorafit.train.grpo import (
     Prompt,
@@ -108,7 +109,7 @@ def test_loss_and_gradient_match_fp64_formula(arch, micro):
     refs = [reference_logprobs(model, b, CONFIG.temperature) for b in batches]
     deltas = torch.tensor(DELTAS).split([len(b["advantages"]) for b in batches])
     olds = [completion_logprobs(model, b, CONFIG.temperature).detach() + d for b, d in zip(batches, deltas)]
-    stats = update_step(model, batches, olds, refs, CONFIG, use_bf16=False)
+    stats = update_step(Runner(model), batches, olds, refs, CONFIG, use_bf16=False)
 
     expected, clipped = _fp64_loss(model64, base64)
     expected.backward()
@@ -213,7 +214,7 @@ def test_a_4bit_base_is_its_own_reference():
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
     ref = reference_logprobs(model, batch, 0.7)
     torch.testing.assert_close(ref, plain, rtol=0, atol=1e-6)
-    stats = update_step(model, [batch], [None], [ref], CONFIG, use_bf16=False)
+    stats = update_step(Runner(model), [batch], [None], [ref], CONFIG, use_bf16=False)
     assert stats["kl"] > 0 and {id(p) for p in model.parameters() if not p.requires_grad} == frozen
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().max() > 0 for g in grads)

@@ -43,8 +43,12 @@ def generate_ids(
         for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]):] = 1
+        # synced_gpus off: transformers turns it on for FSDP-managed models, making every rank run forwards in step
+        # with the others; lorafit generates with every weight on each rank (distributed.run_whole), and ranks
+        # answer shares of different sizes, so no rank may wait for another here
         out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(stops), **sampling)
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(stops),
+                             synced_gpus=False, **sampling)
         for row, i in enumerate(batch):
             completions[i] = _cut_after_stop(out[row, width:].tolist(), stops)
     model.train(was_training)

@@ -19,7 +19,7 @@ from lorafit.data import (
     tokenize_examples,
 )
 from lorafit.data.chat import IGNORE
-from lorafit.distributed import share
+from lorafit.distributed import rank_chunks
 
 
 @dataclass
@@ -79,16 +79,16 @@ def rank_micro_batches(rows: list[Any], micro_batch_size: int, pad_token_id: int
     """This rank's micro-batches of one global step's rows (`step_rows`): its share (lorafit.distributed.share,
     rows[rank::world_size]) batched in order.
 
-    Every rank gets the same number of micro-batches, the most any rank needs (ceil(ceil(rows / world_size) /
-    micro_batch_size)), because each forward and backward under DDP/FSDP is a collective that all ranks must
-    enter: a rank with fewer rows (the step's row count is not a multiple of world_size) gets filler
-    micro-batches, copies of one of its rows (or of the step's first row) with no targets, which add nothing
-    to the loss or the gradients. In a world of one this is fixed_batches(rows, micro_batch_size).
+    Every rank gets the same number of micro-batches (lorafit.distributed.rank_chunks), because each forward and
+    backward under DDP/FSDP is a collective that all ranks must enter: a rank with fewer rows (the step's row count
+    is not a multiple of world_size) gets filler micro-batches, copies of a row with no targets, which add
+    nothing to the loss or the gradients. In a world of one this is fixed_batches(rows, micro_batch_size).
     """
-    mine = fixed_batches(share(rows, rank, world_size), micro_batch_size, pad_token_id)
-    needed = math.ceil(math.ceil(len(rows) / world_size) / micro_batch_size)
-    if len(mine) < needed:
-        template = mine[-1].tensors if mine else collate(rows[:1], pad_token_id)
-        filler = MicroBatch({**template, "targets": torch.full_like(template["targets"], IGNORE)}, tokens=0, targets=0)
-        mine += [filler] * (needed - len(mine))
-    return mine
+    batches = []
+    for group, real in rank_chunks(rows, micro_batch_size, rank=rank, world_size=world_size):
+        batch = fixed_batches(group, micro_batch_size, pad_token_id)[0]
+        if not real:
+            batch = MicroBatch({**batch.tensors, "targets": torch.full_like(batch.tensors["targets"], IGNORE)},
+                               tokens=0, targets=0)
+        batches.append(batch)
+    return batches

@@ -31,8 +31,10 @@ import math
 import time
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
+from lorafit import distributed
 from lorafit.data.preferences import PreferencePair, collate_pairs, read_preferences
 from lorafit.evaluation.generate import generate_ids
 from lorafit.evaluation.metrics import mean_and_stderr
@@ -74,26 +76,29 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     generation_pairs = eval_pairs[: config.evaluation.limit] if config.evaluation.limit else eval_pairs
     generate = measure is not None and config.evaluation.generation and bool(generation_pairs)
 
-    def held_out() -> dict[str, Any]:
-        return evaluate_pairs(model, eval_pairs, reference, d, pad, config.evaluation.batch_size, use_bf16)
+    def held_out() -> dict[str, Any]:  # through the wrapped model once training has wrapped it
+        runner = state.wrapped if state.wrapped is not None else distributed.Runner(model)
+        return evaluate_pairs(runner, eval_pairs, reference, d, pad, config.evaluation.batch_size, use_bf16)
 
     if eval_pairs and not resume:
         with state.timed("eval_before"):
             result.eval_before = evaluation_summary(held_out(), len(eval_pairs))
             if generate:
                 result.eval_before.update(behaviour_eval(model, tokenizer, generation_pairs, measure, config))
-        print(f"before training: {_describe(result.eval_before)}")
+        distributed.print_main(f"before training: {_describe(result.eval_before)}")
 
     per_epoch = steps_per_epoch(len(train_pairs), t.batch_size)
     loop.start_training(state, total_steps=t.max_steps or max(1, math.ceil(t.epochs * per_epoch)))
+    if reference is not None:  # the starting weights, sharded like the parameters they are swapped into
+        reference = distributed.shard_like(reference, state.wrapped)
     progress = state.trainer
     final_eval = None
     with state.timed("train"), tqdm(total=state.total_steps, initial=progress.step, desc="dpo", unit="step",
-                                    dynamic_ncols=True) as bar:
+                                    dynamic_ncols=True, disable=distributed.progress_disabled()) as bar:
         while progress.step < state.total_steps:
             step_start = time.perf_counter()
             pairs = step_rows(train_pairs, progress.step, batch_size=t.batch_size, seed=t.seed)
-            sums = train_step(model, pairs, micro, reference, config, pad, use_bf16)
+            sums = train_step(state.wrapped, pairs, micro, reference, config, pad, use_bf16)
             loss = sums["loss"] / len(pairs)
             loop.check_finite(loss, progress.step + 1)
             grad_norm, lr = state.opt.step(t.max_grad_norm)
@@ -122,28 +127,34 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
             done = final_eval if final_eval is not None and progress.step == state.total_steps else held_out()
             result.eval_after = evaluation_summary(done, len(eval_pairs))
             if generate:
-                result.eval_after.update(behaviour_eval(model, tokenizer, generation_pairs, measure, config))
-        print(_side_by_side(result.eval_before, result.eval_after))
+                result.eval_after.update(distributed.run_whole(state.wrapped, behaviour_eval, tokenizer,
+                                                               generation_pairs, measure, config))
+        distributed.print_main(_side_by_side(result.eval_before, result.eval_after))
     return loop.finish(state)
 
 
 def read_pairs(name: str, path: str, tokenizer: Any, max_seq_len: int) -> list[PreferencePair]:
     """The tokenized pairs of one file, with a one-line summary printed."""
     pairs, stats = read_preferences(path, tokenizer, max_seq_len)
-    print(f"{name}: {stats}")
+    distributed.print_main(f"{name}: {stats}")
     return pairs
 
 
-def train_step(model: Any, pairs: list[PreferencePair], micro: int, reference: StartWeights | None,
+def train_step(wrapped: Any, pairs: list[PreferencePair], micro: int, reference: StartWeights | None,
                config: RunConfig, pad: int, use_bf16: bool) -> dict[str, float]:
-    """Forward/backward of one step's pairs in micro-batches of `micro` pairs; the sums over the pairs of the
-    loss and METRICS (the gradients are already those of the mean loss over the step's pairs)."""
-    sums: dict[str, float] = {}
-    for start in range(0, len(pairs), micro):
-        batch = {k: v.to(model.device) for k, v in collate_pairs(pairs[start : start + micro], pad).items()}
-        for key, value in backward_micro_batch(model, batch, reference, config.dpo, len(pairs), use_bf16).items():
-            sums[key] = sums.get(key, 0.0) + value
-    return sums
+    """Forward/backward of one step's pairs (the same list on every rank) through distributed.wrap's module: this
+    rank's share in micro-batches of `micro` pairs (distributed.rank_chunks), each pair's loss scaled by
+    gradient_scale(pairs in the step), so every rank ends with the gradient of the mean loss over the step's pairs;
+    returns the sums over all ranks' pairs of the loss and METRICS."""
+    ctx = distributed.context()
+    scale = distributed.gradient_scale(len(pairs))
+    device = next(distributed.unwrap(wrapped).parameters()).device
+    sums = torch.zeros(1 + len(METRICS), dtype=torch.float64)
+    for group, real in distributed.rank_chunks(pairs, micro, rank=ctx.rank, world_size=ctx.world_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(group, pad).items()}
+        done = backward_micro_batch(wrapped, batch, reference, config.dpo, scale, use_bf16, real)
+        sums += torch.tensor([done[k] for k in ("loss", *METRICS)], dtype=torch.float64)
+    return dict(zip(("loss", *METRICS), distributed.all_reduce_sum(sums).tolist()))
 
 
 def load_measure(spec: str | None) -> RewardFunction | None:
@@ -162,13 +173,17 @@ def evaluation_summary(metrics: dict[str, float], pairs: int) -> dict[str, Any]:
 
 def behaviour_eval(model: Any, tokenizer: Any, pairs: list[PreferencePair], measure: RewardFunction,
                    config: RunConfig) -> dict[str, Any]:
-    """Greedy replies to the pairs' prompts scored by `measure`: {"measure": {name, mean, stderr, total}, "samples"}."""
-    completion_ids = generate_ids(model, tokenizer, [p.prompt_ids for p in pairs],
+    """Greedy replies to the pairs' prompts scored by `measure`: {"measure": {name, mean, stderr, total}, "samples"}.
+    Under several processes each rank answers its share (distributed.share) with its whole copy of the model
+    and the scores are gathered; the samples shown are rank 0's first three. Every rank must call it."""
+    mine = distributed.share(pairs, distributed.rank(), distributed.world_size())
+    completion_ids = generate_ids(model, tokenizer, [p.prompt_ids for p in mine],
                                   max_new_tokens=config.evaluation.max_new_tokens,
-                                  batch_size=config.evaluation.batch_size, progress=True)
+                                  batch_size=config.evaluation.batch_size, progress=distributed.is_main())
     replies = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completion_ids]
-    prompts = [p.prompt_text for p in pairs]
-    values = score([measure], prompts, replies, {})[measure.name]
+    prompts = [p.prompt_text for p in mine]
+    scores = torch.tensor(score([measure], prompts, replies, {})[measure.name], dtype=torch.float64)
+    values = distributed.gather_shares(scores, len(pairs)).tolist()
     mean, stderr = mean_and_stderr(values)
     return {"measure": {"name": measure.name, "mean": mean, "stderr": stderr, "total": len(values)},
             "samples": [{"prompt": p, "reply": r} for p, r in zip(prompts[:3], replies[:3])]}

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorafit import distributed
 from lorafit.data.preferences import PreferencePair, collate_pairs, split_pairs
 from lorafit.run_config import DPOConfig
 from lorafit.train.loss import IGNORE, completion_logprobs
@@ -90,17 +91,23 @@ def reference_logps(model: nn.Module, batch: dict[str, torch.Tensor], reference:
 
 def precompute_reference(model: nn.Module, pairs: list[PreferencePair], reference: StartWeights | None,
                          pad_token_id: int, batch_size: int, use_bf16: bool = False) -> list[PreferencePair]:
-    """The pairs with their reference log-probs filled in, computed once in batches of `batch_size` pairs."""
+    """The pairs with their reference log-probs filled in, computed once in batches of `batch_size` pairs.
+
+    Under several processes each rank computes its share (lorafit.distributed.share) and the values are gathered,
+    so every rank returns every pair's; `model` is the unwrapped model, whole on each rank (call it before
+    distributed.wrap: no collective runs inside the forwards).
+    """
     device = next(model.parameters()).device
-    done = []
-    for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", unit="batch",
-                      disable=len(pairs) <= batch_size):
-        group = pairs[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(group, pad_token_id).items()}
-        chosen, rejected = split_pairs(reference_logps(model, batch, reference, use_bf16).cpu())
-        done += [replace(p, ref_chosen_logp=c, ref_rejected_logp=r)
-                 for p, c, r in zip(group, chosen.tolist(), rejected.tolist())]
-    return done
+    mine = distributed.share(pairs, distributed.rank(), distributed.world_size())
+    values = []
+    for start in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", unit="batch",
+                      disable=len(mine) <= batch_size or distributed.progress_disabled()):
+        batch = {k: v.to(device) for k, v in collate_pairs(mine[start : start + batch_size], pad_token_id).items()}
+        values.append(torch.stack(split_pairs(reference_logps(model, batch, reference, use_bf16).cpu()), dim=1))
+    local = torch.cat(values) if values else torch.zeros(0, 2)
+    chosen, rejected = distributed.gather_shares(local, len(pairs)).unbind(dim=1)
+    return [replace(p, ref_chosen_logp=c, ref_rejected_logp=r)
+            for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist())]
 
 
 def pair_losses(model: nn.Module, batch: dict[str, torch.Tensor], reference: StartWeights | None, d: DPOConfig,
@@ -116,29 +123,39 @@ def pair_losses(model: nn.Module, batch: dict[str, torch.Tensor], reference: Sta
                     label_smoothing=d.label_smoothing, chosen_tokens=n_c, rejected_tokens=n_r)
 
 
-def backward_micro_batch(model: nn.Module, batch: dict[str, torch.Tensor], reference: StartWeights | None,
-                         d: DPOConfig, step_pairs: int, use_bf16: bool = False) -> dict[str, float]:
-    """Forward and backward of one micro-batch of the step, its loss scaled by 1 / step_pairs (the step's loss is
-    the mean over its pairs, however they are split); returns the sums over its pairs of loss and METRICS."""
-    losses, metrics = pair_losses(model, batch, reference, d, use_bf16)
-    (losses.sum() / step_pairs).backward()
-    return {"loss": losses.sum().item(), **{k: v.sum().item() for k, v in metrics.items()}}
+def backward_micro_batch(wrapped: nn.Module, batch: dict[str, torch.Tensor], reference: StartWeights | None,
+                         d: DPOConfig, scale: float, use_bf16: bool = False, real: bool = True) -> dict[str, float]:
+    """Forward (through distributed.wrap's module: DDP's and FSDP2's hooks surround the policy and reference
+    passes) and backward of one micro-batch of the step, its summed pair loss multiplied by `scale`
+    (distributed.gradient_scale of the step's pair count: 1 / pairs in one process, so the step's loss is the
+    mean over its pairs however they are split); returns the sums over its pairs of loss and METRICS. A filler
+    (real False: rank_chunks) back-propagates zeros, so that its rank still enters the gradient reduction, and
+    returns zeros."""
+    losses, metrics = wrapped(pair_losses, batch, reference, d, use_bf16)
+    weight = 1.0 if real else 0.0
+    (losses.sum() * (scale * weight)).backward()
+    return {"loss": weight * losses.sum().item(), **{k: weight * v.sum().item() for k, v in metrics.items()}}
 
 
 @torch.no_grad()
-def evaluate_pairs(model: nn.Module, pairs: list[PreferencePair], reference: StartWeights | None, d: DPOConfig,
+def evaluate_pairs(wrapped: nn.Module, pairs: list[PreferencePair], reference: StartWeights | None, d: DPOConfig,
                    pad_token_id: int, batch_size: int, use_bf16: bool = False) -> dict[str, float]:
     """Held-out means over `pairs` (no dropout): loss and METRICS; rewards/accuracies is the preference accuracy
-    (the policy's implicit reward ranks chosen above rejected), with its standard error."""
+    (the policy's implicit reward ranks chosen above rejected), with its standard error. Under several processes
+    each rank evaluates its share (rank_chunks) and the sums are added over ranks; every rank must call it."""
+    model = distributed.unwrap(wrapped)
     device = next(model.parameters()).device
-    sums = dict.fromkeys(("loss", *METRICS), 0.0)
+    ctx = distributed.context()
+    sums = torch.zeros(1 + len(METRICS), dtype=torch.float64)
     with _evaluating(model):
-        for start in range(0, len(pairs), batch_size):
-            batch = {k: v.to(device) for k, v in collate_pairs(pairs[start : start + batch_size], pad_token_id).items()}
-            losses, metrics = pair_losses(model, batch, reference, d, use_bf16)
-            for key, values in (("loss", losses), *metrics.items()):
-                sums[key] += values.sum().item()
-    means = {key: value / len(pairs) for key, value in sums.items()}
+        for group, real in distributed.rank_chunks(pairs, batch_size, rank=ctx.rank, world_size=ctx.world_size):
+            batch = {k: v.to(device) for k, v in collate_pairs(group, pad_token_id).items()}
+            losses, metrics = wrapped(pair_losses, batch, reference, d, use_bf16)
+            if real:
+                sums += torch.tensor([values.sum().item() for values in (losses, *(metrics[k] for k in METRICS))],
+                                     dtype=torch.float64)
+    totals = distributed.all_reduce_sum(sums).tolist()
+    means = {key: value / len(pairs) for key, value in zip(("loss", *METRICS), totals)}
     accuracy = means["rewards/accuracies"]
     means["rewards/accuracies_stderr"] = (accuracy * (1 - accuracy) / max(len(pairs) - 1, 1)) ** 0.5
     return means

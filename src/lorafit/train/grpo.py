@@ -8,6 +8,12 @@ One step of `train`:
      when training goes on from a saved adapter (init_adapter) or trains biases, the starting weights swapped in
   -> per-token loss -min(ratio A, clip(ratio, 1-eps, 1+eps) A) + beta KL_k3, averaged over the step's
      completion tokens -> num_iterations optimiser steps on these samples.
+Under torchrun (N processes) every rank takes the same step's prompts and works on its share of whole prompts
+(distributed.rank_chunks: a group never leaves its rank, so its advantages are those of one process): it samples
+their groups (with its own generator; under FSDP with the weights unsharded for the sampling, distributed.run_whole,
+which costs the whole model's weights on each rank while it samples), scores them, runs the reference and update
+passes through the wrapped model, and normalises the loss by the step's completion tokens over all ranks; the
+logged reward figures are gathered from every rank. Given the same completions, N processes take the steps of one.
 The formulas follow TRL's GRPOTrainer (FACTS.md §7): Bessel-corrected group std, log-probs of
 logits / temperature, ratio to the policy that sampled (logp_old), k3 estimator exp(d) - d - 1 with
 d = logp_ref - logp, and token-level averaging over the whole step (TRL's "bnpo" aggregation).
@@ -25,12 +31,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from lorafit import distributed
 from lorafit.adapters.model import adapters_disabled
 from lorafit.data import DataError, read_examples
 from lorafit.data.chat import build_prompt_ids
@@ -88,7 +98,8 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     train_prompts = read_prompts(config.data.train, tokenizer, max_prompt)
     eval_prompts = read_prompts(config.data.eval, tokenizer, max_prompt) if config.data.eval else []
     eval_prompts = eval_prompts[: config.evaluation.limit] if config.evaluation.limit else eval_prompts
-    print(f"train: {len(train_prompts)} prompts x {g.num_generations} completions; eval: {len(eval_prompts)} prompts")
+    distributed.print_main(f"train: {len(train_prompts)} prompts x {g.num_generations} completions; "
+                           f"eval: {len(eval_prompts)} prompts")
     loop.attach_adapter(model, config)
     # The reference policy is where training starts: the base (adapter off) for a fresh adapter, else a copy of
     # the trainable weights (a saved adapter, or trained biases, which switching the adapter off would not undo).
@@ -103,58 +114,70 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
                 with adapters_disabled(model):
                     result.eval_base = reward_eval(model, tokenizer, eval_prompts, functions, config)
             result.eval_before = reward_eval(model, tokenizer, eval_prompts, functions, config)
-        print(f"held-out reward before training: {_describe(result.eval_before)}")
+        distributed.print_main(f"held-out reward before training: {_describe(result.eval_before)}")
 
     per_epoch = steps_per_epoch(len(train_prompts), t.batch_size)
     loop.start_training(state, total_steps=t.max_steps or max(1, math.ceil(t.epochs * per_epoch)),
                         updates_per_step=g.num_iterations)
-    progress = state.trainer
+    progress, wrapped, ctx = state.trainer, state.wrapped, distributed.context()
+    if start is not None:  # the starting weights, sharded like the parameters they are swapped into
+        start = distributed.shard_like(start, wrapped)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with state.timed("train"), tqdm(total=state.total_steps, initial=progress.step, desc="grpo", unit="step",
-                                    dynamic_ncols=True) as bar:
+                                    dynamic_ncols=True, disable=distributed.progress_disabled()) as bar:
         while progress.step < state.total_steps:
             step_start = time.perf_counter()
-            prompts = step_prompts(train_prompts, progress.step, t.batch_size, t.seed)
-            samples = sample(state, prompts, functions)
+            prompts = step_prompts(train_prompts, progress.step, t.batch_size, t.seed)  # the same on every rank
+            # this rank's whole prompts (a group is never split across ranks), micro_batch_size prompts a pass
+            chunks = distributed.rank_chunks(prompts, t.micro_batch_size or t.batch_size, rank=ctx.rank,
+                                             world_size=ctx.world_size)
+            samples = distributed.run_whole(wrapped, sample, state, [p for chunk, _ in chunks for p in chunk],
+                                            functions)
             advantages = group_advantages(samples.rewards, g.num_generations, g.scale_rewards)
-            micro = (t.micro_batch_size or t.batch_size) * g.num_generations
-            batches = [sequence_batch(samples, advantages, i, i + micro, pad, model.device)
-                       for i in range(0, len(samples.completions), micro)]
+            bounds = [0]
+            for chunk, _ in chunks:
+                bounds.append(bounds[-1] + len(chunk) * g.num_generations)
+            batches = [sequence_batch(samples, advantages, a, b, pad, model.device) for a, b in pairwise(bounds)]
+            weights = [1.0 if real else 0.0 for _, real in chunks]
             with state.timed("reference"):
-                refs = [reference_logprobs(model, b, g.temperature, use_bf16, start) if g.beta else None
+                refs = [wrapped(reference_logprobs, b, g.temperature, use_bf16, start) if g.beta else None
                         for b in batches]
             with state.timed("update"):
                 olds: list[torch.Tensor | None] = [None] * len(batches)
                 updates = []
                 for _ in range(g.num_iterations):
-                    stats = update_step(model, batches, olds, refs, g, use_bf16)
+                    stats = update_step(wrapped, batches, olds, refs, g, use_bf16, weights)
                     loop.check_finite(stats["loss"], progress.step + 1)
                     stats["grad_norm"], stats["lr"] = state.opt.step(t.max_grad_norm)
                     updates.append(stats)
             times = {k: state.last_s[k] for k in STEP_PHASES}
             times["step_s"] = time.perf_counter() - step_start
             progress.step += 1
-            progress.tokens_seen += sum(len(p.ids) for p in samples.prompts) + sum(map(len, samples.completion_ids))
+            real = bounds[sum(1 for _, is_real in chunks if is_real)]  # this rank's real completions come first
+            progress.tokens_seen += distributed.all_reduce_sum(
+                sum(len(p.ids) for p in samples.prompts[:real]) + sum(map(len, samples.completion_ids[:real])))
 
             row = {"step": progress.step, "epoch": round(progress.step / per_epoch, 4), "lr": updates[0]["lr"],
                    **{k: sum(u[k] for u in updates) / len(updates) for k in updates[0] if k != "lr"},
-                   **reward_metrics(samples, functions, g.num_generations),
+                   **reward_metrics(gather_samples(samples, real, len(prompts), g.num_generations, functions),
+                                    functions, g.num_generations),
                    **{k: round(v, 3) for k, v in times.items()}}
             if evaluate and config.evaluation.every and (progress.step % config.evaluation.every == 0
                                                          or progress.step == state.total_steps):
-                row["eval_reward"] = reward_eval(model, tokenizer, eval_prompts, functions, config)["reward_mean"]
+                row["eval_reward"] = distributed.run_whole(wrapped, reward_eval, tokenizer, eval_prompts, functions,
+                                                           config)["reward_mean"]
             loop.end_step(state, row, force_log="eval_reward" in row)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", gen_s=f"{times['generation_s']:.1f}",
                             train_s=f"{times['reference_s'] + times['update_s']:.1f}", refresh=False)
             bar.update(1)
             result.final_loss = row["loss"]
-    print(_time_split({k: result.phases.get(k, 0.0) for k in STEP_PHASES}, result.phases["train_s"]))
+    distributed.print_main(_time_split({k: result.phases.get(k, 0.0) for k in STEP_PHASES}, result.phases["train_s"]))
 
     loop.save_final_adapter(state)
     if evaluate:
         with state.timed("eval_after"):
-            result.eval_after = reward_eval(model, tokenizer, eval_prompts, functions, config)
-        print(_side_by_side(result))
+            result.eval_after = distributed.run_whole(wrapped, reward_eval, tokenizer, eval_prompts, functions, config)
+        distributed.print_main(_side_by_side(result))
     return loop.finish(state)
 
 
@@ -182,20 +205,73 @@ def step_prompts(prompts: list[Prompt], step: int, batch_size: int, seed: int) -
     return step_rows(prompts, step, batch_size=batch_size, seed=seed)
 
 
-def sample(state: loop.RunState, prompts: list[Prompt], functions: list[RewardFunction]) -> Samples:
-    """num_generations sampled completions per prompt of the run's model, scored; timed as generation and rewards."""
+def sample(model: Any, state: loop.RunState, prompts: list[Prompt], functions: list[RewardFunction]) -> Samples:
+    """num_generations sampled completions per prompt of the run's model, scored; timed as generation and rewards.
+
+    One process draws from the global torch generator (a seeded run repeats). Under several processes each rank
+    samples its own prompts from a generator seeded by (training.seed, step, rank) (the RNG state in a checkpoint
+    is rank 0's, so per-rank streams could not be resumed otherwise, and equal streams would correlate the ranks'
+    samples); `prompts` are this rank's.
+    """
     g, tokenizer = state.config.grpo, state.tokenizer
     repeated = [p for p in prompts for _ in range(g.num_generations)]
-    with state.timed("generation"):
-        completion_ids = generate_ids(state.model, tokenizer, [p.ids for p in repeated],
+    with state.timed("generation"), _rank_generator(state):
+        completion_ids = generate_ids(model, tokenizer, [p.ids for p in repeated],
                                       max_new_tokens=g.max_new_tokens, batch_size=len(repeated),
                                       temperature=g.temperature, top_p=g.top_p)
-        completions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completion_ids]
     with state.timed("rewards"):
-        fields = row_fields([p.fields for p in repeated], [p.source for p in repeated])
-        scores = score(functions, [p.text for p in repeated], completions, fields)
-        rewards = torch.tensor(weighted_total(functions, scores), dtype=torch.float32)
+        return score_samples(repeated, completion_ids, tokenizer, functions)
+
+
+@contextmanager
+def _rank_generator(state: loop.RunState) -> Iterator[None]:
+    """Under several processes: the global generators seeded by (seed, step, rank) within the block, restored after."""
+    ctx = distributed.context()
+    if ctx.world_size == 1:
+        yield
+        return
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        seed = (state.config.training.seed * 2**32 + state.trainer.step) * 2**20 + ctx.rank  # distinct per (step, rank)
+        torch.manual_seed(seed % 2**63)
+        yield
+
+
+def score_samples(repeated: list[Prompt], completion_ids: list[list[int]], tokenizer: Any,
+                  functions: list[RewardFunction]) -> Samples:
+    """Decode the completions (one per entry of `repeated`) and score them with the reward functions (not called
+    for no completions: a rank whose share is empty)."""
+    if not repeated:
+        return Samples([], [], [], {f.name: [] for f in functions}, torch.zeros(0))
+    completions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completion_ids]
+    fields = row_fields([p.fields for p in repeated], [p.source for p in repeated])
+    scores = score(functions, [p.text for p in repeated], completions, fields)
+    rewards = torch.tensor(weighted_total(functions, scores), dtype=torch.float32)
     return Samples(repeated, completion_ids, completions, scores, rewards)
+
+
+@dataclass
+class SampleFigures:
+    """What the metrics row reads of a step's completions: weighted rewards, each function's scores, lengths."""
+
+    rewards: torch.Tensor  # (N,) float64
+    scores: dict[str, list[float]]
+    lengths: list[int]
+
+
+def gather_samples(samples: Samples, real: int, prompts: int, group_size: int,
+                   functions: list[RewardFunction]) -> SampleFigures:
+    """The figures of the completions of the step's `prompts` prompts from every rank (this rank's are its first
+    `real` samples), in the order one process samples them (lorafit.distributed.share is by prompt, and a prompt's
+    completions are consecutive). A collective; in one process the samples' own figures (in float64)."""
+    rewards = weighted_total(functions, {name: values[:real] for name, values in samples.scores.items()})
+    columns = [torch.tensor(rewards, dtype=torch.float64),
+               *(torch.tensor(samples.scores[f.name][:real], dtype=torch.float64) for f in functions),
+               torch.tensor([len(ids) for ids in samples.completion_ids[:real]], dtype=torch.float64)]
+    mine = torch.stack(columns, dim=1).view(real // group_size, group_size, len(columns))
+    every = distributed.gather_shares(mine, prompts).view(prompts * group_size, len(columns))
+    return SampleFigures(rewards=every[:, 0], lengths=[int(n) for n in every[:, -1].tolist()],
+                         scores={f.name: every[:, 1 + i].tolist() for i, f in enumerate(functions)})
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool) -> torch.Tensor:
@@ -263,60 +339,71 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.
     return loss, kl, clipped
 
 
-def update_step(model: Any, batches: list[dict[str, torch.Tensor]], olds: list[torch.Tensor | None],
-                refs: list[torch.Tensor | None], g: GRPOConfig, use_bf16: bool) -> dict[str, float]:
-    """Forward/backward over the micro-batches; the loss is averaged over all completion tokens of the step.
+def update_step(wrapped: Any, batches: list[dict[str, torch.Tensor]], olds: list[torch.Tensor | None],
+                refs: list[torch.Tensor | None], g: GRPOConfig, use_bf16: bool,
+                weights: list[float] | None = None) -> dict[str, float]:
+    """Forward/backward over this rank's micro-batches through distributed.wrap's module; the loss is averaged over
+    all completion tokens of the step on every rank (all-reduced; gradient_scale), so N processes take the update
+    of one. `weights` 0 marks filler micro-batches (distributed.rank_chunks): they back-propagate zeros and count
+    nothing. Returns the step's loss, kl and clip_fraction per completion token, over all ranks.
 
     The first pass records each micro-batch's log-probs as logp_old (the sampling policy: no step taken yet),
     in `olds`, for the later passes of num_iterations.
     """
-    n_tokens = sum(len(b["advantages"]) for b in batches)
-    totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
-    for i, batch in enumerate(batches):
-        logp = completion_logprobs(model, batch, g.temperature, use_bf16)
+    weights = weights if weights is not None else [1.0] * len(batches)
+    n_tokens = distributed.all_reduce_sum(sum(len(b["advantages"]) for b, w in zip(batches, weights) if w))
+    scale = distributed.gradient_scale(n_tokens)
+    totals = torch.zeros(3, dtype=torch.float64)  # loss, kl, clipped tokens
+    for i, (batch, weight) in enumerate(zip(batches, weights)):
+        logp = wrapped(completion_logprobs, batch, g.temperature, use_bf16)
         if olds[i] is None:
             olds[i] = logp.detach()
         loss, kl, clipped = grpo_token_loss(logp, olds[i], refs[i], batch["advantages"], epsilon=g.epsilon,
                                             beta=g.beta)
-        (loss.sum() / n_tokens).backward()
-        totals["loss"] += loss.sum().item()
-        totals["kl"] += kl.sum().item() if kl is not None else 0.0
-        totals["clip_fraction"] += clipped.sum().item()
-    stats = {k: v / n_tokens for k, v in totals.items()}
+        (loss.sum() * (scale * weight)).backward()
+        totals += weight * torch.tensor([loss.sum().item(), kl.sum().item() if kl is not None else 0.0,
+                                         clipped.sum().item()], dtype=torch.float64)
+    loss, kl, clipped = (distributed.all_reduce_sum(totals) / n_tokens).tolist()
+    stats = {"loss": loss, "kl": kl, "clip_fraction": clipped}
     if refs[0] is None:
         del stats["kl"]
     return stats
 
 
-def reward_metrics(samples: Samples, functions: list[RewardFunction], group_size: int) -> dict[str, float]:
+def reward_metrics(figures: SampleFigures, functions: list[RewardFunction], group_size: int) -> dict[str, float]:
     """The step's reward columns for metrics.jsonl: per function, total, mean group std, lengths."""
-    groups = samples.rewards.view(-1, group_size)
+    groups = figures.rewards.view(-1, group_size)
     std = groups.std(dim=1)
-    metrics = {f"reward/{f.name}": sum(samples.scores[f.name]) / len(samples.completions) for f in functions}
+    count = len(figures.lengths)
+    metrics = {f"reward/{f.name}": sum(figures.scores[f.name]) / count for f in functions}
     metrics.update({
-        "reward_mean": samples.rewards.mean().item(),
+        "reward_mean": figures.rewards.mean().item(),
         "reward_std": std.mean().item(),  # within-group spread: 0 means no learning signal
-        "frac_reward_zero_std": (std == 0).float().mean().item(),
-        "completion_length": sum(map(len, samples.completion_ids)) / len(samples.completion_ids),
+        "frac_reward_zero_std": (std == 0).double().mean().item(),
+        "completion_length": sum(figures.lengths) / count,
     })
     return metrics
 
 
 def reward_eval(model: Any, tokenizer: Any, prompts: list[Prompt], functions: list[RewardFunction],
                 config: RunConfig) -> dict[str, Any]:
-    """Greedy completions of the held-out prompts: mean total reward and per function, each with its standard error."""
-    completion_ids = generate_ids(model, tokenizer, [p.ids for p in prompts],
+    """Greedy completions of the held-out prompts: mean total reward and per function, each with its standard error.
+    Under several processes each rank answers its share (distributed.share) with the whole model (in
+    distributed.run_whole under FSDP) and the figures are gathered; the samples shown are rank 0's first three.
+    Every rank must call it."""
+    mine = distributed.share(prompts, distributed.rank(), distributed.world_size())
+    completion_ids = generate_ids(model, tokenizer, [p.ids for p in mine],
                                   max_new_tokens=config.evaluation.max_new_tokens, batch_size=config.evaluation.batch_size)
-    completions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completion_ids]
-    scores = score(functions, [p.text for p in prompts], completions,
-                   row_fields([p.fields for p in prompts], [p.source for p in prompts]))
-    total = weighted_total(functions, scores)
+    samples = score_samples(mine, completion_ids, tokenizer, functions)
+    figures = gather_samples(samples, len(mine), len(prompts), 1, functions)
+    total = figures.rewards.tolist()
     result = {"total": len(prompts), **_mean_and_stderr("reward", total),
-              "completion_length": sum(map(len, completion_ids)) / len(completion_ids)}
+              "completion_length": sum(figures.lengths) / len(prompts)}
     for f in functions:
-        result.update(_mean_and_stderr(f"reward/{f.name}", scores[f.name]))
+        result.update(_mean_and_stderr(f"reward/{f.name}", figures.scores[f.name]))
+    mine_total = weighted_total(functions, samples.scores)
     result["samples"] = [{"prompt": p.text, "completion": c, "reward": r}
-                         for p, c, r in zip(prompts[:3], completions[:3], total[:3])]
+                         for p, c, r in zip(mine[:3], samples.completions[:3], mine_total[:3])]
     return result
 
 

@@ -34,7 +34,6 @@ from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, has_learning_curve
 from lorafit.diagnose.memory import estimate_memory
 from lorafit.diagnose.model_shape import ModelShapeError
-from lorafit.config import ConfigError
 from lorafit.errors import UserError
 from lorafit.finish import finish_run
 from lorafit.models import load_model
@@ -51,7 +50,6 @@ from lorafit.train.compile import compile_blocks
 from lorafit.train.optimizers import make_optimizer
 from lorafit.train.schedule import make_scheduler
 
-MULTI_PROCESS_METHODS = ("sft",)  # methods whose trainer splits each step across torchrun's processes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -115,10 +113,6 @@ def begin_run(config: RunConfig, resume: bool = False, trust_checkpoint: bool = 
     freed host buffers go back to the OS at once (device.return_freed_host_memory), so RSS tracks what is used."""
     return_freed_host_memory()
     distributed.init(timeout_minutes=config.distributed.timeout_minutes, cpu_offload=config.distributed.cpu_offload)
-    if distributed.world_size() > 1 and config.method not in MULTI_PROCESS_METHODS:
-        raise ConfigError(f"method {config.method} runs in one process for now, not {distributed.world_size()} (its "
-                          "samples or pairs are not split across ranks yet): launch it without torchrun, or use "
-                          f"method {' or '.join(MULTI_PROCESS_METHODS)}.")
     distributed.print_main(format_checks(check_run_config(config)))
     folder = RunDir(config.output_dir)
     if distributed.is_main():

@@ -100,25 +100,29 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
             result.final_loss = loss
 
     loop.save_final_adapter(state)
-    if gen_eval and distributed.holds_full_model(wrapped):
+    distributed.run_whole(wrapped, _evaluate_after, state, eval_set, check_forgetting, start)
+    return loop.finish(state)
+
+
+def _evaluate_after(model: Any, state: loop.RunState, eval_set: Dataset | None, check_forgetting: bool,
+                    start: StartWeights | None) -> None:
+    """The evaluations after training, into state.result: greedy replies to the held-out chats, the evaluation
+    sets, the forgetting check. Run by distributed.run_whole: every weight whole on each rank (FSDP included)."""
+    config, result = state.config, state.result
+    if config.evaluation.generation and eval_set is not None:
         with state.timed("eval_after"):
             result.eval_after = generation_eval(model, state.tokenizer, eval_set.examples, config.evaluation)
         distributed.print_main(_side_by_side(result.eval_before, result.eval_after))
-    elif gen_eval:
-        distributed.print_main("note: the generation evaluation after training is not run under FSDP yet (its "
-                               "weights are sharded); run `lorafit generate` with the saved adapter, or use "
-                               "distributed.strategy: ddp.")
-    if config.evaluation.sets and distributed.holds_full_model(wrapped):
+    if config.evaluation.sets:
         with state.timed("eval_sets_after"):
-            result.eval_sets_after = score_eval_sets(model, state.tokenizer, config.evaluation, data.eval,
+            result.eval_sets_after = score_eval_sets(model, state.tokenizer, config.evaluation, config.data.eval,
                                                      result.eval_after)
         distributed.print_main(format_results(result.eval_sets_after, result.eval_sets_before))
-    if check_forgetting and distributed.holds_full_model(wrapped):
+    if check_forgetting:
         with state.timed("forgetting"):
             result.forgetting = forgetting_check(model, state.tokenizer, reference=_reference(model, start),
                                                  progress=distributed.is_main())
         distributed.print_main(format_forgetting(result.forgetting))
-    return loop.finish(state)
 
 
 def forgetting_enabled(evaluation: EvaluationConfig, device: torch.device) -> bool:
