@@ -20,7 +20,7 @@ import pytest
 import torch
 from launch import torchrun
 from safetensors.torch import load_file
-from tiny_models import tiny_chat_tokenizer
+from tiny_models import save_tiny_chat_llama
 
 from lorafit.adapters.io import WEIGHTS_NAME
 from lorafit.run_config import load_run_config
@@ -56,18 +56,8 @@ def variant_overrides(root: Path, variant: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("dpo-torchrun")
-    tokenizer = tiny_chat_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)  # as test_dpo_e2e: a small adapter moves sequence log-probs
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_chat_llama(root / "model", head_scale=30)
     rows = [{"prompt": q, "chosen": s, "rejected": long} for q, s, long in zip(QUESTIONS, SHORT, LONG)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[1:6]))

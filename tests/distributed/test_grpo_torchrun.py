@@ -24,7 +24,7 @@ import pytest
 import torch
 from launch import torchrun
 from safetensors.torch import load_file
-from tiny_models import tiny_chat_tokenizer
+from tiny_models import save_tiny_chat_llama
 
 from lorafit import distributed
 from lorafit.adapters.io import WEIGHTS_NAME
@@ -50,18 +50,8 @@ COLUMNS = ("loss", "kl", "clip_fraction", "grad_norm", "reward_mean", "reward_st
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("grpo-torchrun")
-    tokenizer = tiny_chat_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)  # as test_grpo_e2e: a small adapter reshapes the next-token distribution
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_chat_llama(root / "model", head_scale=30)
     for name, questions in (("train", QUESTIONS), ("eval", QUESTIONS[1:4])):
         rows = [{"messages": [{"role": "user", "content": q}], "letters": "aeiou"} for q in questions]
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
