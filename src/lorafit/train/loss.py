@@ -26,10 +26,9 @@ class _HeadTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature: float, compute_dtype: torch.dtype):
+    def forward(ctx, hidden, weight, targets, temperature: float, compute_dtype: torch.dtype, want_grad: bool):
         rows = head_chunk_rows(weight.shape[0])
         logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
-        want_grad = ctx.needs_input_grad[0]
         direction = torch.empty_like(hidden) if want_grad else None  # d logprobs / d hidden: (N, H)
         w = weight.to(compute_dtype)  # (V, H)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -57,7 +56,7 @@ class _HeadTokenLogprobs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprobs):
         (direction,) = ctx.saved_tensors
-        return direction * grad_logprobs[:, None].to(direction.dtype), None, None, None, None
+        return direction * grad_logprobs[:, None].to(direction.dtype), None, None, None, None, None
 
 
 def head_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -72,7 +71,10 @@ def head_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
                          "(has_plain_head is False for it).")
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-    return _HeadTokenLogprobs.apply(hidden, weight, targets, float(temperature), dtype)
+    # forward runs with grad mode off, where needs_input_grad still says True: decide here, so that evaluation and
+    # reference log-probs under no_grad skip the gradient's matmul and its (N, H) tensor
+    want_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _HeadTokenLogprobs.apply(hidden, weight, targets, float(temperature), dtype, want_grad)
 
 
 def has_plain_head(model: nn.Module) -> bool:
