@@ -65,3 +65,24 @@ def test_smollm2_preset_matches_the_cached_checkpoint_config():
     real, preset = shapes.model_config(str(cached)), shapes.model_config("smollm2-135m")
     for key in shapes.PRESETS["smollm2-135m"]:
         assert getattr(preset, key) == getattr(real, key), key
+
+
+@pytest.mark.parametrize("layout", ["all", "last-quarter"])
+def test_step_memory_gives_every_variant_the_same_targets(layout):
+    """benchmarks/step_memory.py: lorafit's loss on `targets` and transformers' loss on the labels it derives from
+    them are the same number, so the variants' peaks and times are for the same work."""
+    import step_memory
+    from tiny_models import build_tiny
+
+    import lorafit
+
+    ids, targets = step_memory.batch_for(96, step_memory.LAYOUTS[layout])
+    assert torch.equal(targets[:, -1], torch.full((step_memory.BATCH,), -100))
+    start = step_memory.LAYOUTS[layout]
+    assert torch.equal(targets[:, start:-1], ids[:, start + 1:]) and (targets[:, :start] == -100).all()
+    model = lorafit.attach(build_tiny("llama"), lorafit.AdapterConfig(r=4, alpha=8))
+    losses = []
+    for variant in ("lorafit", "lorafit-stock-head"):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)  # weights stay
+        losses.append(step_memory.step(variant, model, optimizer, ids, targets))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # fp32, two tiny blocks: rounding ~1e-6

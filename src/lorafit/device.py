@@ -99,8 +99,17 @@ def matmul_probe_seconds() -> tuple[float, float]:
 
 
 MIB = 2**20
-CHUNK_ROWS = 512  # rows of the head loss's logits held at once (train/loss.py): 512 x 49k vocab x 4 B = 100 MB;
-                  # here, below both the loss and the memory estimator (diagnose/memory.py) that models it
+HEAD_CHUNK_BYTES = 64 * MIB  # fp32 logits of one chunk of the head loss (train/loss.py); here, below both the loss
+                             # and the memory estimator (diagnose/memory.py) that models it
+
+
+def head_chunk_rows(vocab_size: int) -> int:
+    """Rows of (rows, vocab) fp32 logits the head loss holds at once: 341 for a 49k vocabulary, 130 for 128k.
+
+    Small enough that the chunk is a minor part of a step's memory; large enough that each chunk's matmul
+    (rows x hidden @ hidden x vocab) still reuses the head weight ~130+ times per read from memory.
+    """
+    return max(1, HEAD_CHUNK_BYTES // (4 * vocab_size))
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -181,8 +181,9 @@ def test_step0_fresh_adapter_reference_is_the_adapter_switched_off():
     randomize_adapters(model)  # training moved the adapter: the reference is still the base model
     batch = collate_pairs(PAIRS, PAD)
     with torch.no_grad():
+        # sequence log-probs of size ~13 in fp32 (ulp 1e-6): a few ulps where the two forwards round differently
         torch.testing.assert_close(reference_logps(model, batch, reference), sequence_logps(base, batch)[0],
-                                   rtol=0, atol=1e-6)
+                                   rtol=1e-6, atol=1e-6)
         assert (sequence_logps(model, batch)[0] - sequence_logps(base, batch)[0]).abs().max() > 1e-3
 
 

@@ -23,7 +23,6 @@ buffer of its own), and glibc kept freed activation buffers in its heap, ~0.25 G
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from lorafit.diagnose.model_shape import (
     ModelShape,
     model_shape,
 )
-from lorafit.device import CHUNK_ROWS
+from lorafit.device import head_chunk_rows
 
 GB = 1e9
 METHODS = ("lora", "qlora", "full")
@@ -305,12 +304,12 @@ def _norm_bytes(shape: ModelShape, tokens: int, act_bytes: int, trained: bool) -
 
 
 def lorafit_head_bytes(shape: ModelShape, tokens: int, act_bytes: int) -> int:
-    """Peak of lorafit's head loss (every token a target): hidden states, their gathered rows and gradient, and
-    fp32 chunks of logits: the current one, logsumexp's temporary and, from the second chunk on, the previous
-    chunk's probabilities, which stay bound until the loop rebinds them (train/loss.py)."""
-    rows = [min(CHUNK_ROWS, tokens - start) for start in range(0, tokens, CHUNK_ROWS)]
-    alive = max([2 * rows[0]] + [before + 2 * now for before, now in itertools.pairwise(rows)])  # rows of logits held at once
-    return 3 * tokens * shape.hidden_size * act_bytes + alive * shape.vocab_size * FP32
+    """Peak of lorafit's head loss (every token a target): hidden states, their gathered rows and the gradient
+    w.r.t. them, and one chunk of fp32 logits, worked on in place (train/loss.py), with its (rows, hidden) gradient;
+    at 16 bits the chunk also exists in the matmul dtype while it is converted to fp32 and back."""
+    rows = min(tokens, head_chunk_rows(shape.vocab_size))
+    chunk = rows * shape.vocab_size * (FP32 + (act_bytes if act_bytes < FP32 else 0)) + rows * shape.hidden_size * act_bytes
+    return 3 * tokens * shape.hidden_size * act_bytes + chunk
 
 
 def hf_logits_bytes(shape: ModelShape, tokens: int, act_bytes: int) -> int:
