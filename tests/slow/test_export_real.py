@@ -141,7 +141,8 @@ def test_f16_logits_and_file_facts(exported, prompts_and_replies):
 # the weight's type (F16, or 8-bit Q8_0 blocks for Q8_0/Q4_0 weights) and its KV cache is F16. Measured on this
 # test's adapter against the fp32 merged model (max |logit diff| over the first prompt's 38 positions): f16 0.074,
 # q8_0 1.96 (the Q8_0 weights alone give 1.02 through transformers), q4_0 20.2 (4-bit weights: only its replies
-# are checked), base f16 + adapter 0.067; greedy replies 20/20 identical for each. The bounds leave room for other CPUs' kernels.
+# are checked), base f16 + adapter 0.067; greedy replies 20/20 identical for each. The bounds leave room for other
+# CPUs' kernels.
 LLAMA_CPP_CASES = {  # name: (files, max |logit diff| vs the fp32 merged model or None, greedy replies identical)
     "f16": ({"model_path": "model-f16.gguf"}, 0.5, 0.95),
     "q8_0": ({"model_path": "model-q8_0.gguf"}, 4.0, 0.95),
