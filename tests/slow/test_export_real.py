@@ -1,5 +1,9 @@
-"""GGUF export of the real SmolLM2-135M with a perturbed adapter: greedy replies of the q8_0 file read by transformers
-equal the merged model's; the optional llama.cpp check runs when llama-cpp-python is installed."""
+"""GGUF export of the real SmolLM2-135M with a briefly trained quickstart adapter: the q8_0 file read by
+transformers gives the merged model's greedy replies; the optional llama.cpp check (llama-cpp-python) loads the
+merged files and base + adapter GGUF and compares tokenization, logits and greedy replies with lorafit's.
+
+A trained adapter, not a random one: a random B gives the merged model near-flat logits, where Q8_0's rounding
+alone flips greedy tokens at near-ties (12/20 replies identical), which measures the ties, not the export."""
 
 from __future__ import annotations
 
@@ -8,20 +12,34 @@ import json
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM
 
 import lorafit
-from lorafit.adapters.model import lora_layers, merge_and_unload
-from lorafit.evaluation.generate import generate_responses
-from lorafit.export import export_adapter_gguf, export_model_gguf, source_gguf, write_modelfile
+from lorafit.adapters.model import merge_and_unload
+from lorafit.data.chat import build_prompt_ids
+from lorafit.evaluation.generate import (
+    end_of_turn_ids,
+    generate_ids,
+)
+from lorafit.export import (
+    export_adapter_gguf,
+    export_model_gguf,
+    source_gguf,
+    write_modelfile,
+)
+from lorafit.run_config import load_run_config
+from lorafit.train import sft
 
 pytestmark = pytest.mark.slow
-EVAL_FILE = Path(__file__).parents[2] / "examples" / "data" / "orders_eval.jsonl"
+EXAMPLES = Path(__file__).parents[2] / "examples"
+EVAL_FILE = EXAMPLES / "data" / "orders_eval.jsonl"
 PROMPTS = 20
 MAX_NEW_TOKENS = 32
+TRAIN_STEPS = 12  # the quickstart's loss is ~0.01 by step 10; this whole file took 354 CPU-s (one thread)
 
 
 def eval_chats() -> list[list[dict]]:
@@ -31,29 +49,42 @@ def eval_chats() -> list[list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def exported(smollm2, tmp_path_factory):
-    """(merged reference, tokenizer, folder with q8_0 / f16 / q4_0 / f32-base / adapter GGUFs) for a perturbed adapter."""
+def trained_adapter(tmp_path_factory) -> Path:
+    """The quickstart adapter after TRAIN_STEPS steps (no evaluations, no checkpoints)."""
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    sft.train(load_run_config(EXAMPLES / "quickstart.yaml", [
+        f"output_dir={out}", f"training.max_steps={TRAIN_STEPS}", "training.warmup_steps=2",
+        "training.save_every=0", "evaluation.every=0", "evaluation.generation=false", "evaluation.sets={}",
+        "evaluation.forgetting=false"]))
+    return out / "adapter"
+
+
+@pytest.fixture(scope="module")
+def exported(smollm2, trained_adapter, tmp_path_factory):
+    """(merged fp32 reference, tokenizer, folder with f16 / q8_0 / q4_0 merged, f16 base and adapter GGUFs)."""
     base, tokenizer = smollm2
-    model = lorafit.attach(copy.deepcopy(base), lorafit.AdapterConfig(r=8, alpha=16))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.01)
+    model = lorafit.load_adapter(copy.deepcopy(base), trained_adapter)
     folder = tmp_path_factory.mktemp("gguf")
     source = source_gguf("smollm2-135m")
     export_adapter_gguf(model, folder / "adapter.gguf")
     export_model_gguf(copy.deepcopy(base), tokenizer, folder / "base-f16.gguf", "f16", tokenizer_gguf=source)
-    for export_type in ("f16", "q4_0"):
+    for export_type in ("f16", "q8_0", "q4_0"):
         result = export_model_gguf(copy.deepcopy(model), tokenizer, folder / f"model-{export_type}.gguf", export_type,
                                    tokenizer_gguf=source)
         print(result.summary())
-    result = export_model_gguf(copy.deepcopy(model), tokenizer, folder / "model-q8_0.gguf", "q8_0", tokenizer_gguf=source)
-    print(result.summary())
-    reference = merge_and_unload(model, dtype=torch.float32)
+    reference = merge_and_unload(model, dtype=torch.float32).eval()
     with torch.no_grad():
-        ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
-        assert (reference(ids).logits - base(ids).logits).abs().max() > 0.05  # the adapter matters
+        ids = torch.tensor([build_prompt_ids(tokenizer, eval_chats()[0])])
+        assert (reference(ids).logits - base(ids).logits).abs().max() > 1.0  # the adapter matters
     return reference, tokenizer, folder
+
+
+@pytest.fixture(scope="module")
+def prompts_and_replies(exported) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids of the eval chats, the fp32 merged model's greedy completion ids), shared by the tests."""
+    reference, tokenizer, _ = exported
+    prompts = [build_prompt_ids(tokenizer, chat) for chat in eval_chats()]
+    return prompts, generate_ids(reference, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS)
 
 
 def ggml_rounded(model, qtype: gguf.GGMLQuantizationType):
@@ -66,36 +97,29 @@ def ggml_rounded(model, qtype: gguf.GGMLQuantizationType):
     return rounded
 
 
-def test_q8_0_greedy_replies_equal_the_merged_models(exported):
-    """The q8_0 file read by transformers is the merged model with Q8_0-rounded weights: same logits, same replies.
-    Against the fp32 merged model, Q8_0's rounding itself (the rounded reference does the same) changes some of
-    the 32-token replies of this small model at near-ties, so that figure is reported with a loose floor."""
+def test_q8_0_greedy_replies_equal_the_merged_models(exported, prompts_and_replies):
+    """The q8_0 file read by transformers is the merged model with Q8_0-rounded weights (same logits); its greedy
+    replies equal the fp32 merged model's on >= 95% of the eval prompts (the issue's bar)."""
     reference, tokenizer, folder = exported
     loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file="model-q8_0.gguf", dtype=torch.float32).eval()
     rounded = ggml_rounded(reference, gguf.GGMLQuantizationType.Q8_0)
-    chats = eval_chats()
-    ids = tokenizer.apply_chat_template(chats[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    prompts, expected = prompts_and_replies
+    ids = torch.tensor([prompts[0]])
     with torch.no_grad():
         diff = (loaded(ids).logits - rounded(ids).logits).abs().max().item()
         diff_fp32 = (loaded(ids).logits - reference(ids).logits).abs().max().item()
     print(f"q8_0 file vs Q8_0-rounded merged model: max |logit diff| {diff:.2e}; vs fp32 merged {diff_fp32:.2f}")
     assert diff <= 1e-4
-    expected = generate_responses(rounded, tokenizer, chats, max_new_tokens=MAX_NEW_TOKENS)
-    got = generate_responses(loaded, tokenizer, chats, max_new_tokens=MAX_NEW_TOKENS)
-    fp32 = generate_responses(reference, tokenizer, chats, max_new_tokens=MAX_NEW_TOKENS)
+    got = generate_ids(loaded, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS)
     same = sum(a == b for a, b in zip(expected, got))
-    same_fp32 = sum(a == b for a, b in zip(fp32, got))
-    print(f"q8_0 greedy replies identical: {same}/{len(chats)} to the rounded merged model, {same_fp32}/{len(chats)} "
-          f"to the fp32 merged model")
-    assert same >= 0.95 * len(chats)
-    assert same_fp32 >= 0.5 * len(chats)
+    print(f"q8_0 greedy replies identical to the fp32 merged model's: {same}/{len(prompts)}")
+    assert same >= 0.95 * len(prompts)
 
 
-def test_f16_logits_and_file_facts(exported, smollm2):
+def test_f16_logits_and_file_facts(exported, prompts_and_replies):
     reference, tokenizer, folder = exported
     loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file="model-f16.gguf", dtype=torch.float32).eval()
-    ids = tokenizer.apply_chat_template(eval_chats()[0], add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
+    ids = torch.tensor([prompts_and_replies[0][0]])
     with torch.no_grad():
         expected, got = reference(ids).logits, loaded(ids).logits
     diff = (expected - got).abs().max().item()
@@ -113,20 +137,64 @@ def test_f16_logits_and_file_facts(exported, smollm2):
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
 
 
-def test_llama_cpp_reads_the_exports(exported):
-    """llama.cpp itself (llama-cpp-python): the merged q8_0 file, and base f16 + adapter GGUF, give the merged model's
-    greedy replies. Not installed in lorafit's environment (it compiles llama.cpp from source), hence optional."""
+# llama.cpp computes differently from torch even on identical weights: its CPU matmuls round the activations to
+# the weight's type (F16, or 8-bit Q8_0 blocks for Q8_0/Q4_0 weights) and its KV cache is F16. Measured on this
+# test's adapter against the fp32 merged model (max |logit diff| over the first prompt's 38 positions): f16 0.074,
+# q8_0 1.96 (the Q8_0 weights alone give 1.02 through transformers), q4_0 20.2 (4-bit weights: only its replies
+# are checked), base f16 + adapter 0.067; greedy replies 20/20 identical for each. The bounds leave room for other
+# CPUs' kernels.
+LLAMA_CPP_CASES = {  # name: (files, max |logit diff| vs the fp32 merged model or None, greedy replies identical)
+    "f16": ({"model_path": "model-f16.gguf"}, 0.5, 0.95),
+    "q8_0": ({"model_path": "model-q8_0.gguf"}, 4.0, 0.95),
+    "q4_0": ({"model_path": "model-q4_0.gguf"}, None, 0.8),
+    "base f16 + adapter": ({"model_path": "base-f16.gguf", "lora_path": "adapter.gguf"}, 0.5, 0.95),
+}
+
+
+def llama_cpp_greedy(llm, prompt: list[int], max_new_tokens: int, stops: set[int]) -> list[int]:
+    """llama.cpp's greedy completion of `prompt`, cut after the first stop token (like lorafit's generate_ids)."""
+    llm.reset()
+    completion: list[int] = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        completion.append(token)
+        if token in stops or len(completion) == max_new_tokens:
+            break
+    return completion
+
+
+@pytest.mark.parametrize("case", list(LLAMA_CPP_CASES))
+def test_llama_cpp_reads_the_exports(exported, prompts_and_replies, case):
+    """llama.cpp itself (llama-cpp-python) loads the file(s): it tokenizes the chat prompts as transformers does,
+    its prompt logits are within the bound above of the fp32 merged model's (their argmax agreement is printed, not
+    asserted: positions inside a prompt are rarely decisive, the q8_0 file agreed on 0.895 of them), and its greedy
+    replies equal lorafit's. Not a lorafit
+    dependency (pip install llama-cpp-python compiles llama.cpp, minutes), hence skipped when absent."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
                                                         "llama-cpp-python builds llama.cpp from source)")
     reference, tokenizer, folder = exported
+    files, max_logit_diff, min_identical = LLAMA_CPP_CASES[case]
+    llm = llama_cpp.Llama(**{key: str(folder / name) for key, name in files.items()}, n_ctx=512, n_threads=1,
+                          logits_all=True, verbose=False)
     chats = eval_chats()
-    expected = generate_responses(reference, tokenizer, chats, max_new_tokens=MAX_NEW_TOKENS)
-    prompts = [tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
-    for kwargs in ({"model_path": str(folder / "model-q8_0.gguf")},
-                   {"model_path": str(folder / "base-f16.gguf"), "lora_path": str(folder / "adapter.gguf")}):
-        llm = llama_cpp.Llama(n_ctx=512, verbose=False, **kwargs)
-        got = [llm(p, max_tokens=MAX_NEW_TOKENS, temperature=0.0, stop=["<|im_end|>"])["choices"][0]["text"].strip()
-               for p in prompts]
-        same = sum(a == b for a, b in zip(expected, got))
-        print(f"llama.cpp {kwargs}: {same}/{len(chats)} identical")
-        assert same >= 0.9 * len(chats)
+    prompts, expected = prompts_and_replies
+    texts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
+    assert [llm.tokenize(text.encode(), add_bos=False, special=True) for text in texts] == prompts
+
+    llm.reset()
+    llm.eval(prompts[0])
+    got_logits = torch.from_numpy(np.array(llm.scores[: len(prompts[0])], dtype=np.float32))
+    with torch.no_grad():
+        expected_logits = reference(torch.tensor([prompts[0]])).logits[0]
+    diff = (got_logits - expected_logits).abs().max().item()
+    agree = (got_logits.argmax(-1) == expected_logits.argmax(-1)).float().mean().item()
+
+    stops = end_of_turn_ids(reference, tokenizer)
+    got = [llama_cpp_greedy(llm, ids, MAX_NEW_TOKENS, stops) for ids in prompts]
+    same = sum(a == b for a, b in zip(expected, got))
+    print(f"llama.cpp {case}: prompt logits max |diff| {diff:.3f}, argmax agreement {agree:.3f} over "
+          f"{len(prompts[0])} positions; greedy replies identical {same}/{len(prompts)}")
+    for a, b in zip(expected, got):
+        if a != b:
+            print(f"  lorafit:   {tokenizer.decode(a)!r}\n  llama.cpp: {tokenizer.decode(b)!r}")
+    assert max_logit_diff is None or diff <= max_logit_diff
+    assert same >= min_identical * len(prompts)
