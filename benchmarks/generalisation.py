@@ -7,10 +7,11 @@ adapter is loaded on the run's base (NF4 for quantize: nf4) and scored greedily 
   - in_distribution: the recipe's own eval split (real-vocabulary orders in the train phrasings),
   - out_of_distribution: examples/data/orders_ood.jsonl (held-out items, colours, cities, phrasings, 21-99),
   - independent: examples/data/orders_independent.jsonl, 80 order sentences written without seeing the
-    generator (only with --independent: a final held-out check, never a tuning target, never trained on).
+    generator (only with --sets independent: a final held-out check, never a tuning target, never trained on).
 No variant's train file holds a value of the OOD file (make_orders refuses every word of its pools).
 
-Run:  python benchmarks/generalisation.py --variants baseline copy_broad [--independent] [--id-limit 30]
+Run:  python benchmarks/generalisation.py --variants baseline copy_broad [--id-limit 30]
+      python benchmarks/generalisation.py --variants copy_broad --score-only --sets independent
 Results merge by variant name into benchmarks/results/generalisation.json (an earlier variant is kept unless
 run again), and the table of every stored variant is printed and written next to it as generalisation.md.
 """
@@ -117,20 +118,23 @@ def train_variant(name: str, variant: Variant, data: Path, work: Path) -> tuple[
     return run_dir, {"train_wall_s": time.perf_counter() - start, "train_cpu_s": child_cpu_seconds() - cpu}
 
 
-def score_variant(variant: Variant, run_dir: Path, data: Path, independent: bool,
+SETS = ("in_distribution", "out_of_distribution", "independent")
+
+
+def score_variant(variant: Variant, run_dir: Path, data: Path, sets: list[str],
                   id_limit: int | None) -> tuple[dict[str, Any], dict[str, float]]:
-    """The adapter on the run's own base, scored on the sets; returns ({set: result}, timings)."""
+    """The adapter on the run's own base (NF4 for quantize: nf4), scored on `sets`; returns ({set: result}, timings)."""
     config = load_run_config(EXAMPLES / variant.config, list(variant.overrides))
     cpu, start = self_cpu_seconds(), time.perf_counter()
     model, tokenizer = load_model(config.model, quantize=config.quantize, double_quant=config.double_quant)
     load_adapter(model, run_dir / "adapter")
     metric, options = config.evaluation.metric, {"max_new_tokens": config.evaluation.max_new_tokens}
-    results = evaluate_sets(model, tokenizer, {"in_distribution": (data / "orders_eval.jsonl", metric)},
-                            limit=id_limit, progress=True, **options)
-    others = {"out_of_distribution": (OOD_FILE, metric)}
-    if independent:
-        others["independent"] = (INDEPENDENT_FILE, metric)
-    results |= evaluate_sets(model, tokenizer, others, progress=True, **options)
+    files = {"in_distribution": data / "orders_eval.jsonl", "out_of_distribution": OOD_FILE,
+             "independent": INDEPENDENT_FILE}
+    results = {}
+    for name in sets:
+        limit = id_limit if name == "in_distribution" else None
+        results |= evaluate_sets(model, tokenizer, {name: (files[name], metric)}, limit=limit, progress=True, **options)
     for result in results.values():
         result.pop("samples", None)
     return results, {"eval_wall_s": time.perf_counter() - start, "eval_cpu_s": self_cpu_seconds() - cpu}
@@ -142,12 +146,16 @@ def _cell(result: dict[str, Any] | None) -> str:
     return f"{100 * result['accuracy']:.1f} ± {100 * result['stderr']:.1f} ({result['correct']}/{result['total']})"
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def table(results: dict[str, Any]) -> str:
     rows = []
     for name, entry in results["variants"].items():
         sets = entry["sets"]
         rows.append([name, _cell(sets.get("in_distribution")), _cell(sets.get("out_of_distribution")),
-                     _cell(sets.get("independent")), f"{entry['train_wall_s']:.0f}", f"{entry['train_cpu_s']:.0f}",
+                     _cell(sets.get("independent")), _seconds(entry.get("train_wall_s")), _seconds(entry.get("train_cpu_s")),
                      entry["note"]])
     headers = ["variant", "ID %", "OOD % ± SE", "independent % ± SE", "train wall s", "train CPU s", "what"]
     return markdown_table(headers, rows)
@@ -156,26 +164,33 @@ def table(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["baseline", "copy_broad"])
-    parser.add_argument("--independent", action="store_true", help="also score orders_independent.jsonl (final check)")
+    parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS[:2]),
+                        help="sets to score (independent: the final held-out check, never a tuning target)")
+    parser.add_argument("--score-only", action="store_true",
+                        help="score the adapters already trained under --work (their training timings are kept)")
     parser.add_argument("--id-limit", type=int, help="score only the first N in-distribution rows (saves time)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "generalisation", help="data and run folders")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    if args.independent and not INDEPENDENT_FILE.is_file():
-        raise SystemExit(f"--independent: {INDEPENDENT_FILE} does not exist")
+    if "independent" in args.sets and not INDEPENDENT_FILE.is_file():
+        raise SystemExit(f"--sets independent: {INDEPENDENT_FILE} does not exist")
     for name in args.variants:
         variant = VARIANTS[name]
         data = write_recipe(variant, args.work)
         load_before = load_average()
-        run_dir, timings = train_variant(name, variant, data, args.work)
-        sets, eval_timings = score_variant(variant, run_dir, data, args.independent, args.id_limit)
+        if args.score_only:
+            run_dir, timings = args.work / "runs" / name, {}
+        else:
+            run_dir, timings = train_variant(name, variant, data, args.work)
+        sets, eval_timings = score_variant(variant, run_dir, data, args.sets, args.id_limit)
         # read again just before writing: a second invocation running meanwhile keeps its variants
         results = json.loads(args.out.read_text()) if args.out.is_file() else {"variants": {}}
         results["machine"] = machine_info(torch.device("cpu"))
-        previous = results["variants"].get(name, {}).get("sets", {})
+        previous = results["variants"].get(name, {})
         results["variants"][name] = {
-            "note": variant.note, "recipe": variant.recipe, "config": variant.config,
-            "overrides": list(variant.overrides), "sets": {**previous, **sets}, **timings, **eval_timings,
+            **previous, "note": variant.note, "recipe": variant.recipe, "config": variant.config,
+            "overrides": list(variant.overrides), "sets": {**previous.get("sets", {}), **sets}, **timings,
+            f"eval_{'_'.join(args.sets)}": eval_timings,
             "load_average_before": load_before, "load_average_after": load_average(),
         }
         print(f"{name}: " + ", ".join(f"{k} {_cell(v)}" for k, v in sets.items()), flush=True)
