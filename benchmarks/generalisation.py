@@ -33,6 +33,7 @@ import torch
 from common import RESULTS_DIR, load_average, machine_info, markdown_table, save_results
 
 from lorafit.adapters.io import load_adapter
+from lorafit.adapters.prepare import quantize_at_load
 from lorafit.evaluation.eval_sets import evaluate_sets
 from lorafit.fileio import write_text_atomic
 from lorafit.models import load_model
@@ -51,13 +52,14 @@ class Variant:
 
     copy_share: float = 0.0
     broad: bool = False
+    compound_share: float = 0.0  # made-up items written as two words
     config: str = "quickstart.yaml"
     overrides: tuple[str, ...] = ()
     note: str = ""
 
     @property
     def recipe(self) -> str:
-        return f"copy{self.copy_share:g}_{'broad' if self.broad else 'plain'}"
+        return f"copy{self.copy_share:g}_{'broad' if self.broad else 'plain'}_compound{self.compound_share:g}"
 
 
 NEW = {"copy_share": 0.5, "broad": True}  # the recipe the quickstart ships (make_orders' defaults)
@@ -65,10 +67,14 @@ VARIANTS: dict[str, Variant] = {
     "baseline": Variant(note="the first quickstart: 400 rows of the 16 train phrasings, lr 1e-3, r16, 30 steps"),
     "copy": Variant(copy_share=0.5, note="half the rows order made-up items/colours/cities"),
     "broad": Variant(broad=True, note="28 phrasings, casing, a/an, quantities 100-999"),
+    "copy_broad_compound": Variant(**NEW, compound_share=0.2,
+                                   note="both, a fifth of made-up items two words (colour/item ambiguous)"),
     "copy_broad": Variant(**NEW, note="both"),
     "copy_broad_neftune5": Variant(**NEW, overrides=("training.neftune_noise_alpha=5",), note="+ NEFTune alpha 5"),
     "copy_broad_r8": Variant(**NEW, overrides=("adapter.r=8", "adapter.alpha=16"), note="+ r8 alpha16"),
     "copy_broad_lr5e-4": Variant(**NEW, overrides=("training.lr=5.0e-4",), note="+ lr 5e-4"),
+    "copy_broad_compound_qlora": Variant(**NEW, compound_share=0.2, config="quickstart_qlora.yaml",
+                                         note="QLoRA run file, the compound-item data"),
     "copy_broad_attention": Variant(**NEW, overrides=("adapter.target_modules=[q_proj,k_proj,v_proj,o_proj]",),
                                     note="+ attention-only targets"),
     "copy_broad_dora": Variant(**NEW, overrides=("adapter.use_dora=true",), note="+ DoRA"),
@@ -90,7 +96,8 @@ def write_recipe(variant: Variant, work: Path) -> Path:
     """Generate the variant's train/eval files (seed 0, 400/60 rows) under work/<recipe>/data; returns that folder."""
     folder = work / variant.recipe
     args = ["--seed", "0", "--train", "400", "--eval", "60", "--copy-share", str(variant.copy_share),
-            "--broad" if variant.broad else "--no-broad", "--out-dir", str(folder)]
+            "--broad" if variant.broad else "--no-broad", "--compound-share", str(variant.compound_share),
+            "--out-dir", str(folder)]
     _make_orders().main(args)
     return folder / "data"
 
@@ -126,7 +133,9 @@ def score_variant(variant: Variant, run_dir: Path, data: Path, sets: list[str],
     """The adapter on the run's own base (NF4 for quantize: nf4), scored on `sets`; returns ({set: result}, timings)."""
     config = load_run_config(EXAMPLES / variant.config, list(variant.overrides))
     cpu, start = self_cpu_seconds(), time.perf_counter()
-    model, tokenizer = load_model(config.model, quantize=config.quantize, double_quant=config.double_quant)
+    # as the trainer loads it: LoftQ quantises the float base itself when the adapter attaches
+    quantize = quantize_at_load(config.adapter.init, config.quantize)
+    model, tokenizer = load_model(config.model, quantize=quantize, double_quant=config.double_quant)
     load_adapter(model, run_dir / "adapter")
     metric, options = config.evaluation.metric, {"max_new_tokens": config.evaluation.max_new_tokens}
     files = {"in_distribution": data / "orders_eval.jsonl", "out_of_distribution": OOD_FILE,

@@ -103,8 +103,15 @@ def test_copy_teaching_share_and_made_up_values(mo: ModuleType, splits) -> None:
                  for w in value.lower().split()}
     assert not words & ood_words, words & ood_words
     assert {a["city"] for a in made_up}.isdisjoint(mo.CITIES)
-    assert any(" " in a["city"] for a in made_up) and any(" " in a["item"] for a in made_up)
-    assert any(" " in a["color"] for a in made_up)  # shaded colours: "pale green"
+    assert any(" " in a["city"] for a in made_up) and any(" " in a["color"] for a in made_up)  # "pale green"
+    assert not any(" " in a["item"] for a in made_up)  # compound items are off by default (ambiguous)
+
+
+def test_compound_share_makes_two_word_items(mo: ModuleType) -> None:
+    compound, _ = mo.generate(0, 400, 60, compound_share=0.2)
+    two_words = [a for a in map(_answer, compound) if " " in a["item"]]
+    assert 0.1 * 200 < len(two_words) < 0.3 * 200
+    assert all(a["item"].split()[-1] in mo.ITEMS for a in two_words)
 
 
 def test_plain_recipe_reproduces_the_first_quickstart_data(mo: ModuleType) -> None:
