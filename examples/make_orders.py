@@ -26,7 +26,8 @@ measures them on the OOD file):
 
 Neither ever uses a value or phrasing of the OOD pools (every word of them is
 refused), and the eval split stays real-vocabulary orders in the train phrasings.
-``--copy-share 0 --no-broad`` reproduces the first quickstart data exactly.
+The quickstart data is the plain recipe (``--copy-share 0 --no-broad``, the defaults: see DEFAULT_COPY_SHARE
+for why); ``--copy-share 0.5 --broad`` writes the copy-teaching data the benchmark measures.
 """
 
 from __future__ import annotations
@@ -391,8 +392,11 @@ def _draw_unique(rng: random.Random, n: int, seen: set[str], held_out: bool | No
     return rows
 
 
-DEFAULT_COPY_SHARE = 0.5
-DEFAULT_BROAD = True
+# The quickstart keeps the plain recipe: benchmarks/generalisation.py measured copy-teaching + broad phrasing (with
+# two-word items) at 53% OOD / 40% independent against the plain recipe's 57% OOD; the recipe without two-word items
+# is not measured yet. Generate it with --copy-share 0.5 --broad.
+DEFAULT_COPY_SHARE = 0.0
+DEFAULT_BROAD = False
 
 
 def generate(seed: int, n_train: int, n_eval: int, copy_share: float = DEFAULT_COPY_SHARE,

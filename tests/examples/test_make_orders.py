@@ -94,10 +94,22 @@ def test_user_mentions_quantity_item_colour_and_city(mo: ModuleType, splits) -> 
         assert re.search(rf"\b{noun}\b", text), text
 
 
-def test_copy_teaching_share_and_made_up_values(mo: ModuleType, splits) -> None:
+@pytest.fixture(scope="module")
+def copy_splits(mo: ModuleType) -> tuple[list[dict], list[dict]]:
+    return mo.generate(seed=0, n_train=400, n_eval=60, copy_share=0.5, broad=True)
+
+
+def test_copy_recipe_rows_are_canonical_and_mention_their_values(mo: ModuleType, copy_splits) -> None:
+    test_answers_are_canonical_json(mo, copy_splits)
+    test_eval_rows_use_real_vocabulary_only(mo, copy_splits)
+    test_user_mentions_quantity_item_colour_and_city(mo, copy_splits)
+    test_ood_values_and_phrasings_never_occur_in_train_or_eval(mo, copy_splits, mo.generate_ood(0, 60))
+
+
+def test_copy_teaching_share_and_made_up_values(mo: ModuleType, copy_splits) -> None:
     """Half the train rows order made-up things, none of them a value or word of the OOD pools or of train."""
-    made_up = [a for a in map(_answer, splits[0]) if _is_made_up(mo, a)]
-    assert len(made_up) == round(400 * mo.DEFAULT_COPY_SHARE)
+    made_up = [a for a in map(_answer, copy_splits[0]) if _is_made_up(mo, a)]
+    assert len(made_up) == 200
     words = {w for a in made_up for key in ("item", "color", "city") for w in a[key].lower().split()}
     ood_words = {w for value in (*mo.OOD_ITEMS, *mo.OOD_ITEMS.values(), *mo.OOD_COLORS, *mo.OOD_CITIES)
                  for w in value.lower().split()}
@@ -108,15 +120,15 @@ def test_copy_teaching_share_and_made_up_values(mo: ModuleType, splits) -> None:
 
 
 def test_compound_share_makes_two_word_items(mo: ModuleType) -> None:
-    compound, _ = mo.generate(0, 400, 60, compound_share=0.2)
+    compound, _ = mo.generate(0, 400, 60, copy_share=0.5, broad=True, compound_share=0.2)
     two_words = [a for a in map(_answer, compound) if " " in a["item"]]
     assert 0.1 * 200 < len(two_words) < 0.3 * 200
     assert all(a["item"].split()[-1] in mo.ITEMS for a in two_words)
 
 
 def test_plain_recipe_reproduces_the_first_quickstart_data(mo: ModuleType) -> None:
-    """--copy-share 0 --no-broad is the generator before copy-teaching: its files' sha256 as first committed."""
-    train, eval_rows = mo.generate(0, 400, 60, copy_share=0.0, broad=False)
+    """The defaults (--copy-share 0 --no-broad) are the generator before copy-teaching: its files' sha256."""
+    train, eval_rows = mo.generate(0, 400, 60)
     digest = {name: hashlib.sha256("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
               .hexdigest() for name, rows in (("train", train), ("eval", eval_rows))}
     assert digest == {"train": "3c53b7584880be22bedfc26d42d7b7099ca782abfc82fb4924e1c8a53bf8ca56",
