@@ -1,5 +1,6 @@
 """Tests for examples/make_orders.py (loaded from its path: examples/ is not a package)."""
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -53,27 +54,95 @@ def test_row_counts_and_roles(mo: ModuleType, splits) -> None:
         assert row["messages"][0]["content"] == mo.SYSTEM_PROMPT
 
 
+def _is_made_up(mo: ModuleType, answer: dict) -> bool:
+    """A copy-teaching row: its item is no train item (a pseudo-word, or one before a train noun)."""
+    return answer["item"] not in mo.ITEMS
+
+
+def _plural(mo: ModuleType, item: str) -> str:
+    """The plural the generator writes: the irregular table for train nouns (also last in a compound), else regular."""
+    *head, noun = item.split(" ")
+    return " ".join([*head, mo.ITEMS[noun] if noun in mo.ITEMS else mo.regular_plural(noun)])
+
+
 def test_answers_are_canonical_json(mo: ModuleType, splits) -> None:
     for row in splits[0] + splits[1]:
         raw = row["messages"][2]["content"]
         ans = json.loads(raw)
         assert list(ans) == ["item", "color", "quantity", "city"]
         assert raw == json.dumps(ans)
-        assert type(ans["quantity"]) is int and 1 <= ans["quantity"] <= 20
-        assert ans["item"] in mo.ITEMS  # singular form
+        q = ans["quantity"]
+        assert type(q) is int and (1 <= q <= 20 or 100 <= q <= 999)
         assert ans["item"] == ans["item"].lower() and ans["color"] == ans["color"].lower()
-        assert ans["city"] in mo.CITIES
+        if not _is_made_up(mo, ans):
+            assert ans["color"] in mo.COLORS and ans["city"] in mo.CITIES
 
 
-def test_user_mentions_quantity_item_and_city(mo: ModuleType, splits) -> None:
+def test_eval_rows_use_real_vocabulary_only(mo: ModuleType, splits) -> None:
+    for ans in map(_answer, splits[1]):
+        assert ans["item"] in mo.ITEMS and ans["color"] in mo.COLORS and ans["city"] in mo.CITIES
+
+
+def test_user_mentions_quantity_item_colour_and_city(mo: ModuleType, splits) -> None:
     for row in splits[0] + splits[1]:
         text, ans = _user(row).lower(), _answer(row)
         q = ans["quantity"]
-        forms = {str(q), mo.NUMBER_WORDS[q - 1]}
-        assert any(re.search(rf"\b{f}\b", text) for f in forms), text
-        assert ans["city"].lower() in text
-        noun = ans["item"] if q == 1 else mo.ITEMS[ans["item"]]
-        assert re.search(rf"\b{ans['color']} {noun}\b", text), text
+        forms = {str(q), mo.number_words(q) if mo.has_words(q) else str(q)} | ({"a", "an"} if q == 1 else set())
+        assert any(re.search(rf"(^|\s){f}\b", text) for f in forms), text
+        assert ans["city"].lower() in text and re.search(rf"\b{ans['color']}\b", text), text
+        noun = ans["item"] if q == 1 else _plural(mo, ans["item"])
+        assert re.search(rf"\b{noun}\b", text), text
+
+
+@pytest.fixture(scope="module")
+def copy_splits(mo: ModuleType) -> tuple[list[dict], list[dict]]:
+    return mo.generate(seed=0, n_train=400, n_eval=60, copy_share=0.5, broad=True)
+
+
+def test_copy_recipe_rows_are_canonical_and_mention_their_values(mo: ModuleType, copy_splits) -> None:
+    test_answers_are_canonical_json(mo, copy_splits)
+    test_eval_rows_use_real_vocabulary_only(mo, copy_splits)
+    test_user_mentions_quantity_item_colour_and_city(mo, copy_splits)
+    test_ood_values_and_phrasings_never_occur_in_train_or_eval(mo, copy_splits, mo.generate_ood(0, 60))
+
+
+def test_copy_teaching_share_and_made_up_values(mo: ModuleType, copy_splits) -> None:
+    """Half the train rows order made-up things, none of them a value or word of the OOD pools or of train."""
+    made_up = [a for a in map(_answer, copy_splits[0]) if _is_made_up(mo, a)]
+    assert len(made_up) == 200
+    words = {w for a in made_up for key in ("item", "color", "city") for w in a[key].lower().split()}
+    ood_words = {w for value in (*mo.OOD_ITEMS, *mo.OOD_ITEMS.values(), *mo.OOD_COLORS, *mo.OOD_CITIES)
+                 for w in value.lower().split()}
+    assert not words & ood_words, words & ood_words
+    assert {a["city"] for a in made_up}.isdisjoint(mo.CITIES)
+    assert any(" " in a["city"] for a in made_up) and any(" " in a["color"] for a in made_up)  # "pale green"
+    assert not any(" " in a["item"] for a in made_up)  # compound items are off by default (ambiguous)
+
+
+def test_compound_share_makes_two_word_items(mo: ModuleType) -> None:
+    compound, _ = mo.generate(0, 400, 60, copy_share=0.5, broad=True, compound_share=0.2)
+    two_words = [a for a in map(_answer, compound) if " " in a["item"]]
+    assert 0.1 * 200 < len(two_words) < 0.3 * 200
+    assert all(a["item"].split()[-1] in mo.ITEMS for a in two_words)
+
+
+def test_plain_recipe_reproduces_the_first_quickstart_data(mo: ModuleType) -> None:
+    """The defaults (--copy-share 0 --no-broad) are the generator before copy-teaching: its files' sha256."""
+    train, eval_rows = mo.generate(0, 400, 60)
+    digest = {name: hashlib.sha256("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+              .hexdigest() for name, rows in (("train", train), ("eval", eval_rows))}
+    assert digest == {"train": "3c53b7584880be22bedfc26d42d7b7099ca782abfc82fb4924e1c8a53bf8ca56",
+                      "eval": "c3f047a7f1267b394ce82f83a61772679945da3f5f3548b59d370820ac0ab373"}
+
+
+def test_pseudo_words_and_regular_plurals(mo: ModuleType) -> None:
+    import random
+    rng = random.Random(0)
+    words = [mo.pseudo_word(rng, 2) for _ in range(500)]
+    assert all(w.isalpha() and w.islower() and len(w) >= 4 and w not in mo.FORBIDDEN_WORDS for w in words)
+    assert len(set(words)) > 400  # varied, not a handful recycled
+    assert [mo.regular_plural(w) for w in ("drelok", "flamax", "voomish", "tabus", "kelch")] == \
+        ["dreloks", "flamaxes", "voomishes", "tabuses", "kelches"]
 
 
 def test_plurals_include_irregular_forms(mo: ModuleType) -> None:
@@ -136,7 +205,7 @@ def test_disjoint_even_when_collisions_are_likely(mo: ModuleType, monkeypatch) -
     monkeypatch.setattr(mo, "CITIES", ("Oslo", "Lisbon"))
     monkeypatch.setattr(mo, "TEMPLATES", mo.TEMPLATES[:1])
     monkeypatch.setattr(mo, "HELD_OUT_PAIRS", (("teapot", "Lisbon"),))
-    train, eval_rows = mo.generate(seed=0, n_train=100, n_eval=20)
+    train, eval_rows = mo.generate(seed=0, n_train=100, n_eval=20, copy_share=0.0, broad=False)
     users = [_user(r) for r in train + eval_rows]
     assert len(set(users)) == len(users) == 120
 
@@ -171,7 +240,7 @@ def test_ood_values_and_phrasings_never_occur_in_train_or_eval(mo: ModuleType, s
     ood_answers = [_answer(r) for r in ood]
     for key in ("item", "color", "quantity", "city"):
         assert not {a[key] for a in ood_answers} & {a[key] for a in seen_answers}, key
-    assert min(a["quantity"] for a in ood_answers) > max(a["quantity"] for a in seen_answers)
+    assert not {a["quantity"] for a in seen_answers} & set(mo.OOD_QUANTITIES)
     # no held-out value appears anywhere in a train/eval sentence (plurals and number words included)
     seen_words = set().union(*(_words(_user(r)) for r in seen))
     ood_values = {*mo.OOD_ITEMS, *mo.OOD_ITEMS.values(), *mo.OOD_COLORS,
@@ -179,13 +248,18 @@ def test_ood_values_and_phrasings_never_occur_in_train_or_eval(mo: ModuleType, s
     ood_values |= {w for q in mo.OOD_QUANTITIES for w in _words(mo.number_words(q))} - set(mo.NUMBER_WORDS)
     assert not ood_values & seen_words, ood_values & seen_words
     # no OOD phrasing is a train template, and no sentence of one matches a train template
-    assert not set(mo.OOD_TEMPLATES) & set(mo.TEMPLATES)
-    assert not any(_pattern(t).fullmatch(_user(r)) for r in ood for t in mo.TEMPLATES)
+    train_templates = mo.TEMPLATES + mo.BROAD_TEMPLATES
+    assert not set(mo.OOD_TEMPLATES) & set(train_templates)
+    assert not any(_pattern(t).fullmatch(_user(r)) for r in ood for t in train_templates)
     used = {t for r in ood for t in mo.OOD_TEMPLATES if _pattern(t).fullmatch(_user(r))}
     assert len(used) == len(mo.OOD_TEMPLATES)  # every held-out phrasing is used
 
 
 def test_number_words(mo: ModuleType) -> None:
     assert [mo.number_words(q) for q in (1, 20, 21, 40, 99)] == ["one", "twenty", "twenty-one", "forty", "ninety-nine"]
-    with pytest.raises(ValueError, match="quantity=100"):
-        mo.number_words(100)
+    assert [mo.number_words(q) for q in (100, 512, 920)] == ["one hundred", "five hundred and twelve",
+                                                             "nine hundred and twenty"]
+    for unspellable in (0, 121, 1000):
+        assert not mo.has_words(unspellable)
+        with pytest.raises(ValueError, match=f"quantity={unspellable}"):
+            mo.number_words(unspellable)
