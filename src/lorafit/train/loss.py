@@ -14,6 +14,7 @@ from torch import nn
 
 from lorafit.data.chat import IGNORE
 from lorafit.device import CHUNK_ROWS
+from lorafit.models.frozen_16bit import compute_dtype, matmul_weight, matmul_weight_t
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -24,19 +25,18 @@ class _HeadCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(hidden) if want_grad else None  # (N, H)
-        w = weight.to(compute_dtype)  # (V, H)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], CHUNK_ROWS):
-                h = hidden[start:start + CHUNK_ROWS].to(compute_dtype)  # (n, H)
+                h = hidden[start:start + CHUNK_ROWS]  # (n, H)
                 y = targets[start:start + CHUNK_ROWS]  # (n,)
-                logits = (h @ w.t()).float()  # (n, V)
+                logits = matmul_weight_t(h, weight, compute_dtype).float()  # (n, V); a 16-bit head upcast by slices
                 lse = torch.logsumexp(logits, dim=-1)  # (n,)
                 total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
                 if not want_grad:
                     continue
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax in place: (n, V)
                 probs[torch.arange(len(y), device=y.device), y] -= 1.0
-                grad[start:start + CHUNK_ROWS] = (probs.to(compute_dtype) @ w).to(grad.dtype)
+                grad[start:start + CHUNK_ROWS] = matmul_weight(probs, weight, compute_dtype).to(grad.dtype)
         ctx.save_for_backward(grad)
         return total
 
@@ -50,8 +50,7 @@ def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     """Summed cross-entropy of logits = hidden @ weight.T against targets; weight must be frozen."""
     if weight.requires_grad:
         raise ValueError("head_cross_entropy needs a frozen output head; train it through the stock loss instead.")
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
-    return _HeadCrossEntropy.apply(hidden, weight, targets, dtype)
+    return _HeadCrossEntropy.apply(hidden, weight, targets, compute_dtype(hidden))
 
 
 def has_plain_head(model: nn.Module) -> bool:
