@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/lorafit-bench/runs"))
     parser.add_argument("--rss-limit-gb", type=float, default=14.0,
                         help="kill a worker whose RSS passes this (a shared machine); reported as where it fails")
+    parser.add_argument("--min-available-gb", type=float, default=1.5,
+                        help="kill a worker when the machine's available memory falls below this")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--optimizer", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {phase} {optimizer}", flush=True)
         return run_worker(__file__, ["--model", args.model, "--work", str(args.work), "--phase", phase,
                                      "--optimizer", optimizer, *(["--load-only"] if args.load_only else [])],
-                          rss_limit=int(args.rss_limit_gb * GB))
+                          rss_limit=int(args.rss_limit_gb * GB), min_available=int(args.min_available_gb * GB))
 
     results: dict[str, Any] = {"model": args.model, "settings": {"r": R, "alpha": ALPHA, "seq": SEQ, "steps": STEPS,
                                                                  "quantize": "nf4+double", "grad_checkpointing": True},
