@@ -242,12 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def load_ratio(load: dict[str, Any]) -> float:
+    """The load's peak growth of RSS over the final model's (both above the RSS before the load): the issue's <= 1.2x."""
+    return (load["peak"] - load["before"]) / (load["after"] - load["before"])
+
+
 def finish(results: dict[str, Any], out: Path) -> None:
     """The table (markdown, beside the JSON) and the final JSON."""
     base = results["baseline"]["rss"]
     load = results.get("load") or {"error": "not measured (the worker failed before its load ended)"}
     rows = [["lorafit load", "", "", "", "", "", load["error"]] if "error" in load else
-            ["lorafit load", gb(load["peak"]), gb(load["after"]), f"{load['peak'] / load['after']:.2f}x of after",
+            ["lorafit load", gb(load["peak"]), gb(load["after"]),
+             f"growth {gb(load['peak'] - load['before'])} = {load_ratio(load):.2f}x the model's {gb(load['after'] - load['before'])}",
              f"{load['seconds']:.0f} s", "", ""]]
     for opt, run in results["train"].items():
         if "error" in run:

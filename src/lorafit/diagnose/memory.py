@@ -22,7 +22,8 @@ shape a `lorafit train` process once peaked 4.06 GB above that vs 2.09 GB estima
 both fixed where they arose rather than here: the NF4 load read the checkpoint through safetensors' memory map, whose
 pages (2.47 GB of bf16) stayed in RSS for the whole load (models/tensor_stream.py now reads each tensor into a
 buffer of its own), and glibc kept freed activation buffers in its heap, ~0.25 GB above the allocator's peak
-(device.return_freed_host_memory). Measured numbers: benchmarks/results/scale_*.md.
+(device.return_freed_host_memory). With both fixed and the embeddings kept bf16, the same run peaks 1.54 GB above
+that baseline vs 1.63 GB estimated (x1.06, adamw_8bit). Measured numbers: benchmarks/results/scale_*.md.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class MemoryEstimate:
             lines.append(f"  per process of {gpus} ({strategy}: "
                          + ("weights, adapters, gradients and optimizer state sharded)" if sharded else "everything replicated)"))
         notes = {
-            "weights": "base model" + (", NF4 + double quant" if s["method"] == "qlora" else f", {s['precision']}"),
+            "weights": "base model" + (f", NF4 + double quant, embeddings and head {8 * s['embedding_bytes']}-bit"
+                                       if s["method"] == "qlora" else f", {s['precision']}"),
             "adapters": "fp32 LoRA A and B" if s["method"] != "full" else "none",
             **({"weights": f"a 1/{gpus} shard + the gathered root group and 2 blocks"
                 + (" (NF4)" if s["method"] == "qlora" else "")} if sharded else {}),
