@@ -267,7 +267,7 @@ def finish(results: dict[str, Any], out: Path) -> None:
     if "peft" in results:
         p = results["peft"]
         rows.append(["PEFT+bnb load", gb(p.get("load_peak")), gb(p.get("load_after")), "", "", "", p.get("error", "")])
-        rows.append(["PEFT+bnb train", gb(p.get("train_peak")), gb(p.get("train_peak", base) - base), "",
+        rows.append(["PEFT+bnb train", gb(p.get("train_peak")), gb(p["train_peak"] - base) if "train_peak" in p else "-", "",
                      f"{min(p['s_per_step']):.1f} s/step" if "s_per_step" in p else "", "", ""])
     for opt, total in results["estimate"].items():
         rows.append([f"estimate-memory {opt}", "", gb(total), "step bytes (compare: train minus baseline)", "", "", ""])
