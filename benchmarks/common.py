@@ -15,6 +15,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,17 +43,69 @@ def use_all_cpus() -> int:
     return threads
 
 
-def run_worker(script: str | Path, args: Sequence[str]) -> dict[str, Any]:
+PHASE_PREFIX = "phase: "  # a worker's stdout line naming what it does now (emit_phase), read when it is killed
+RSS_POLL_S = 0.1
+
+
+def run_worker(script: str | Path, args: Sequence[str], rss_limit: int | None = None,
+               min_available: int | None = None) -> dict[str, Any]:
     """Run `python script --worker *args` in a fresh process and return the JSON its last stdout line holds.
 
-    The worker's stderr (progress bars, warnings, tracebacks) passes straight through to ours.
+    The worker's stderr (progress bars, warnings, tracebacks) passes straight through to ours. rss_limit (bytes):
+    a watchdog reads the worker's RSS every RSS_POLL_S and kills it above the limit (a shared machine must not run
+    out of memory); the result is then {"error": "failed at <its last emit_phase>: RSS > <limit> GB", ...}.
+    min_available (bytes): it is killed too when the machine's available memory falls below this (other users'
+    processes grow as well), reported as "failed at <phase>: machine memory available < <floor> GB (RSS <x> GB)".
     """
     command = [sys.executable, str(script), "--worker", *args]
-    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    with tempfile.TemporaryFile("w+") as stdout:
+        proc = subprocess.Popen(command, stdout=stdout, text=True)
+        killed_at, why = None, ""
+        while proc.poll() is None:
+            rss = process_rss_bytes(proc.pid)
+            if rss_limit is not None and rss > rss_limit:
+                why = f"RSS > {rss_limit / GB:g} GB"
+            elif min_available is not None and 0 < available_memory_bytes() < min_available:
+                why = f"machine memory available < {min_available / GB:g} GB (RSS {rss / GB:.2f} GB)"
+            if why:
+                proc.kill()
+                killed_at = rss
+                break
+            time.sleep(RSS_POLL_S)
+        proc.wait()
+        stdout.seek(0)
+        lines = [line for line in stdout.read().splitlines() if line.strip()]
+    if killed_at is not None:
+        phases = [line.removeprefix(PHASE_PREFIX) for line in lines if line.startswith(PHASE_PREFIX)]
+        phase = phases[-1] if phases else "start"
+        return {"error": f"failed at {phase}: {why}", "phase": phase, "killed_rss": killed_at}
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"worker {' '.join(command)} failed with exit status {proc.returncode}; see its stderr above")
     return json.loads(lines[-1])
+
+
+def emit_phase(name: str) -> None:
+    """Say on stdout what a worker does now, for run_worker's report when its watchdog kills it."""
+    print(f"{PHASE_PREFIX}{name}", flush=True)
+
+
+def available_memory_bytes() -> int:
+    """The machine's MemAvailable (Linux /proc/meminfo); 0 where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def process_rss_bytes(pid: int) -> int:
+    """Resident set size of process `pid` now (Linux /proc); 0 when it has gone or /proc is missing."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def save_results(results: dict[str, Any], out: Path | None) -> None:

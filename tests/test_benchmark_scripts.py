@@ -110,3 +110,20 @@ def test_generalisation_variants_are_valid_runs_and_tabulate():
                  "out_of_distribution": {"accuracy": 34 / 60, "stderr": 0.064, "correct": 34, "total": 60}}}}}
     row = generalisation.table(results).splitlines()[2]
     assert row == "| baseline | 100.0 ± 0.0 (30/30) | 56.7 ± 6.4 (34/60) | - | 100 | 191 | n |"
+
+
+def test_run_worker_kills_a_worker_above_its_rss_limit_and_names_the_phase(tmp_path):
+    """benchmarks/common.run_worker's watchdog (scale.py's guard on a shared machine): a worker that grows to 400 MB
+    under a 200 MB limit is killed, and the error names the last phase it announced; under the limit it finishes."""
+    import common
+
+    script = tmp_path / "grow.py"  # plain Python (importing common would load torch: 300 MB before any phase)
+    script.write_text(
+        "import json, sys, time\n"
+        f"print({common.PHASE_PREFIX!r} + 'allocate', flush=True)\n"
+        "block = bytearray(int(sys.argv[2]))  # zero-filled: resident at once\n"
+        "time.sleep(2)\n"
+        "print(json.dumps({'held': len(block)}))\n")
+    killed = common.run_worker(script, [str(400 * 2**20)], rss_limit=200 * 10**6)
+    assert killed["error"] == "failed at allocate: RSS > 0.2 GB" and killed["killed_rss"] > 200 * 10**6
+    assert common.run_worker(script, [str(2**20)], rss_limit=200 * 10**6) == {"held": 2**20}

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.set_defaults(handler=_recommend)
 
     memory = commands.add_parser("estimate-memory", help="estimate training memory from a model's config alone",
-                                 description="Weights, adapters, gradients, optimizer state, activations and logits "
+                                 description="Weights, adapters, gradients, optimizer state, activations, logits and temporaries "
                                              "of a training step, from config.json or a GGUF header (no weights loaded).")
     memory.add_argument("--model", required=True, help="short name, folder/config.json or .gguf file")
     memory.add_argument("--method", choices=("full", "lora", "qlora"), default="lora")

@@ -21,6 +21,7 @@ from lorafit.config import (
     lora_scale,
     scale_warning,
 )
+from lorafit.models.frozen_16bit import Frozen16bitEmbedding
 from lorafit.quant.linear4bit import Linear4bit
 
 CONFIG_ATTR = "lorafit_adapter_config"
@@ -80,11 +81,13 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
     A 4-bit base is dequantised: each adapted layer becomes an nn.Linear holding W0 + s·B A (or DoRA's merged
     weight) computed in fp32 and stored in `dtype` (default: the dtype of the model's input embeddings), and
-    every other Linear4bit is dequantised the same way, so the result holds no 4-bit layer.
+    every other Linear4bit is dequantised the same way, so the result holds no 4-bit layer. (Embeddings kept
+    16-bit under QLoRA count as the dtype they compute in: models/frozen_16bit.py.)
     """
     if dtype is None:
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        dtype = embeddings.weight.dtype if embeddings is not None else torch.float32
+        dtype = torch.float32 if embeddings is None else (
+            embeddings.output_dtype if isinstance(embeddings, Frozen16bitEmbedding) else embeddings.weight.dtype)
     _unwrap(model, merge_first=True, dtype=dtype)
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):

@@ -1,15 +1,19 @@
 """Training-memory estimate for LoRA, QLoRA and full fine-tuning from a model's shape alone.
 
 Each bucket is counted the way PyTorch holds it during one training step of a Llama-family model:
-- weights: the base model (QLoRA: bitsandbytes NF4 with double quantisation for the block linears,
-  the embeddings, head and norms in the compute dtype);
+- weights: the base model (QLoRA: bitsandbytes NF4 with double quantisation for the block linears, the
+  norms in the compute dtype, the embeddings and head in the checkpoint's 16-bit dtype under an fp32 model
+  (lorafit.models.frozen_16bit.kept_dtype: the loader's rule), else in the compute dtype);
 - adapters, their gradients and optimizer state: fp32 (PEFT and lorafit keep adapters in fp32);
 - activations: what autograd keeps after the forward pass, tensor by tensor (see `activation_bytes`);
-- logits: lorafit's chunked head loss (train/loss.py); `logits_hf` is the stock transformers loss.
+- logits: lorafit's chunked head loss (train/loss.py), with the upcast slice of a 16-bit head; `logits_hf` is the
+  stock transformers loss;
+- temporaries: QLoRA's dequantised weight of the largest block linear, 6 bytes per weight at its peak inside
+  quant.nf4.dequantize_nf4 (the int32 code index, 2 B/weight, beside the fp32 values, 4 B/weight), alive
+  in the forward and again in the backward pass of that layer.
 The total is the sum of the buckets, an upper bound: the gradients (freed by zero_grad before each forward)
 and, with checkpointing, the one rebuilt block are never alive with the head's logits. On SmolLM2 it exceeds
-the allocator's measured peak by 1-6% (benchmarks/memory_estimate.py). Not modelled: QLoRA's one weight
-dequantised at a time in the backward pass (117 MB for a Llama-3-8B MLP weight), the optimizer step's temporaries.
+the allocator's measured peak by 1-6% (benchmarks/memory_estimate.py). Not modelled: the optimizer step's temporaries.
 Numbers are bytes; the text table prints GB (1e9 bytes).
 
 Against a CPU run's RSS (issue 15): the estimate is the step's bytes, so compare it with the training peak minus
@@ -18,7 +22,9 @@ shape a `lorafit train` process once peaked 4.06 GB above that vs 2.09 GB estima
 both fixed where they arose rather than here: the NF4 load read the checkpoint through safetensors' memory map, whose
 pages (2.47 GB of bf16) stayed in RSS for the whole load (models/tensor_stream.py now reads each tensor into a
 buffer of its own), and glibc kept freed activation buffers in its heap, ~0.25 GB above the allocator's peak
-(device.return_freed_host_memory). Measured numbers: benchmarks/results/scale_*.md.
+(device.return_freed_host_memory). With both fixed and the embeddings kept bf16, the same run peaks 1.54 GB above
+that baseline vs 1.63 GB estimated (x1.06, adamw_8bit); at Llama-3.1-8B shape 6.82 GB vs 7.02 GB (x1.03).
+Measured numbers: benchmarks/results/scale_*.md.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lorafit.adapters.targets import name_matches
 from lorafit.config import ConfigError
@@ -39,10 +47,14 @@ from lorafit.diagnose.model_shape import (
     model_shape,
 )
 from lorafit.device import head_chunk_rows
+from lorafit.models.frozen_16bit import kept_dtype, slice_bytes
 
 GB = 1e9
 METHODS = ("lora", "qlora", "full")
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEQUANT_BYTES_PER_WEIGHT = 6  # dequantize_nf4's peak: int32 code index (2 B/weight) + fp32 values (4 B/weight)
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")  # training.optimizer's names, and sgd
 EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")  # paged: the same bytes, in CUDA unified memory
 FP32 = 4
@@ -50,7 +62,7 @@ NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # bitsandbytes defaults: 64 weights per a
 NF4_CONSTANTS = 16 * FP32 + 256 * FP32 + FP32  # per layer: NF4 code book, 8-bit code of the absmax, their offset
 BNB_8BIT_BLOCK, BNB_MIN_8BIT_SIZE = 256, 4096  # bitsandbytes 8-bit optimizers: blockwise absmax; small tensors stay fp32
 TARGET_SETS = {"all-linear": BLOCK_LINEARS, "attention": ATTENTION_LINEARS, "mlp": MLP_LINEARS}
-BUCKETS = ("weights", "adapters", "gradients", "optimizer", "activations", "logits")
+BUCKETS = ("weights", "adapters", "gradients", "optimizer", "activations", "logits", "temporaries")
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,7 @@ class MemoryEstimate:
     activations: int
     logits: int
     logits_hf: int
+    temporaries: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,7 +110,8 @@ class MemoryEstimate:
             lines.append(f"  per process of {gpus} ({strategy}: "
                          + ("weights, adapters, gradients and optimizer state sharded)" if sharded else "everything replicated)"))
         notes = {
-            "weights": "base model" + (", NF4 + double quant" if s["method"] == "qlora" else f", {s['precision']}"),
+            "weights": "base model" + (f", NF4 + double quant, embeddings and head {8 * s['embedding_bytes']}-bit"
+                                       if s["method"] == "qlora" else f", {s['precision']}"),
             "adapters": "fp32 LoRA A and B" if s["method"] != "full" else "none",
             **({"weights": f"a 1/{gpus} shard + the gathered root group and 2 blocks"
                 + (" (NF4)" if s["method"] == "qlora" else "")} if sharded else {}),
@@ -105,6 +119,7 @@ class MemoryEstimate:
             "optimizer": f"{s['optimizer']} state",
             "activations": "kept by autograd for the backward pass",
             "logits": "lorafit's chunked head loss" if s["method"] != "full" else "stock loss, full logits",
+            "temporaries": "largest block linear dequantised" if s["method"] == "qlora" else "none",
         }
         for name in BUCKETS:
             lines.append(f"  {name:<12}{getattr(self, name) / GB:>10.3f} GB   {notes[name]}")
@@ -151,10 +166,11 @@ def estimate_memory(
     adapted = [set(BLOCK_LINEARS)] * shape.num_layers if full else adapted_linears(shape, targets)
     trainable = _trainable_tensors(shape, adapted, r, full)
     tokens = batch * seq
-    weights = sum(_weight_bytes(kind, numel, method, a) for kind, numel in shape.parameter_tensors())
+    frozen = big_frozen_bytes(shape, method, precision)
+    weights = sum(_weight_bytes(kind, numel, method, a, frozen) for kind, numel in shape.parameter_tensors())
     shards = gpus if strategy == "fsdp" else 1
     if shards > 1:
-        weights = fsdp_weight_bytes(shape, method, a, shards)
+        weights = fsdp_weight_bytes(shape, method, a, shards, frozen)
     activations = activation_bytes(shape, adapted, r=0 if full else r, batch=batch, seq=seq, act_bytes=a,
                                    full=full, grad_checkpointing=grad_checkpointing, dropout=dropout,
                                    attention_mask=attention_mask)
@@ -163,6 +179,7 @@ def estimate_memory(
         "model": shape.name, "parameters": shape.parameter_count(), "vocab_size": shape.vocab_size, "method": method,
         "r": r, "batch": batch, "seq": seq, "grad_checkpointing": grad_checkpointing, "precision": precision,
         "optimizer": optimizer, "targets": targets, "dropout": dropout, "attention_mask": attention_mask,
+        "embedding_bytes": frozen,
         "trainable_parameters": sum(trainable), "gpus": gpus, "strategy": strategy,
     }
     return MemoryEstimate(
@@ -171,8 +188,10 @@ def estimate_memory(
         gradients=math.ceil((a if full else FP32) * sum(trainable) / shards),
         optimizer=math.ceil(sum(optimizer_state_bytes(optimizer, numel) for numel in trainable) / shards),
         activations=activations,
-        logits=hf_logits if full else lorafit_head_bytes(shape, tokens, a),  # the chunked loss needs a frozen head
+        # the chunked loss needs a frozen head; one held in another dtype than the compute dtype is upcast by slices
+        logits=hf_logits if full else lorafit_head_bytes(shape, tokens, a, upcast=frozen != a),
         logits_hf=hf_logits,
+        temporaries=DEQUANT_BYTES_PER_WEIGHT * max(i * o for i, o, _ in shape.linear_shapes().values()) if method == "qlora" else 0,
         settings=settings,
     )
 
@@ -190,11 +209,12 @@ def adapted_linears(shape: ModelShape, targets: str | list[str]) -> list[set[str
     return chosen
 
 
-def fsdp_weight_bytes(shape: ModelShape, method: str, act_bytes: int, gpus: int) -> int:
+def fsdp_weight_bytes(shape: ModelShape, method: str, act_bytes: int, gpus: int, frozen_bytes: int | None = None) -> int:
     """Peak weight bytes of one FSDP2 rank (lorafit.distributed.wrap): a 1/gpus shard of every weight, plus the rest
     of the root group (embeddings, final norm, head: gathered for the whole step) and of two blocks (computing,
-    prefetched) while they are gathered."""
-    tensors = [(kind, _weight_bytes(kind, numel, method, act_bytes)) for kind, numel in shape.parameter_tensors()]
+    prefetched) while they are gathered. frozen_bytes: bytes per value of the embeddings and head (big_frozen_bytes)."""
+    frozen_bytes = act_bytes if frozen_bytes is None else frozen_bytes
+    tensors = [(kind, _weight_bytes(kind, numel, method, act_bytes, frozen_bytes)) for kind, numel in shape.parameter_tensors()]
     total = sum(size for _, size in tensors)
     root = sum(size for kind, size in tensors if kind in ("embedding", "head")) + shape.hidden_size * act_bytes
     block = (total - root) / shape.num_layers
@@ -303,13 +323,19 @@ def _norm_bytes(shape: ModelShape, tokens: int, act_bytes: int, trained: bool) -
     return tokens * (FP32 * shape.hidden_size + FP32 + (act_bytes * shape.hidden_size if trained else 0))
 
 
-def lorafit_head_bytes(shape: ModelShape, tokens: int, act_bytes: int) -> int:
+def lorafit_head_bytes(shape: ModelShape, tokens: int, act_bytes: int, upcast: bool = False) -> int:
     """Peak of lorafit's head loss (every token a target): hidden states, their gathered rows and the gradient
     w.r.t. them, and one chunk of fp32 logits, worked on in place (train/loss.py), with its (rows, hidden) gradient;
-    at 16 bits the chunk also exists in the matmul dtype while it is converted to fp32 and back."""
+    at 16 bits the chunk also exists in the matmul dtype while it is converted to fp32 and back. upcast: the head is
+    held in another dtype (a 16-bit checkpoint's, under an fp32 model), so one slice of it is upcast at a time
+    (models/frozen_16bit.py), with its (rows, slice) product before it is copied into the logits."""
     rows = min(tokens, head_chunk_rows(shape.vocab_size))
     chunk = rows * shape.vocab_size * (FP32 + (act_bytes if act_bytes < FP32 else 0)) + rows * shape.hidden_size * act_bytes
-    return 3 * tokens * shape.hidden_size * act_bytes + chunk
+    head = 3 * tokens * shape.hidden_size * act_bytes + chunk
+    if upcast:
+        piece = slice_bytes(shape.vocab_size, shape.hidden_size, act_bytes)
+        head += piece + rows * max(piece // (shape.hidden_size * act_bytes), shape.hidden_size) * act_bytes
+    return head
 
 
 def hf_logits_bytes(shape: ModelShape, tokens: int, act_bytes: int) -> int:
@@ -327,8 +353,20 @@ def _trainable_tensors(shape: ModelShape, adapted: list[set[str]], r: int, full:
     return [n for names in adapted for name in sorted(names) for n in (r * dims[name][0], dims[name][1] * r)]
 
 
-def _weight_bytes(kind: str, numel: int, method: str, act_bytes: int) -> int:
-    return nf4_bytes(numel) if method == "qlora" and kind == "linear" else numel * act_bytes
+def big_frozen_bytes(shape: ModelShape, method: str, precision: str) -> int:
+    """Bytes per value of the embeddings and head: under QLoRA the loader's rule (models/frozen_16bit.kept_dtype)
+    applied to the checkpoint's dtype (unknown: the compute dtype), else the compute dtype."""
+    model_dtype = PRECISION_DTYPES[precision]
+    if method != "qlora":
+        return model_dtype.itemsize
+    stored = CHECKPOINT_DTYPES.get(shape.checkpoint_dtype or "", model_dtype)
+    return kept_dtype(stored, model_dtype).itemsize
+
+
+def _weight_bytes(kind: str, numel: int, method: str, act_bytes: int, frozen_bytes: int) -> int:
+    if method == "qlora" and kind == "linear":
+        return nf4_bytes(numel)
+    return numel * (frozen_bytes if kind in ("embedding", "head") else act_bytes)
 
 
 def _module_name(layer: int, linear: str) -> str:

@@ -47,6 +47,7 @@ class ModelShape:
     qkv_bias: bool = False  # Qwen2 (and Llama with attention_bias) add biases to q/k/v
     o_bias: bool = False
     mlp_bias: bool = False
+    checkpoint_dtype: str | None = None  # config.json's dtype ("bfloat16", ...): what the safetensors hold; None: unknown
 
     def linear_shapes(self) -> dict[str, tuple[int, int, bool]]:
         """(in_features, out_features, has_bias) of each linear layer of one block, by module name."""
@@ -76,9 +77,10 @@ class ModelShape:
         return sum(n for _, n in self.parameter_tensors())
 
 
-# Llama-3-8B's published config (hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 kv heads, vocab 128256).
+# Llama-3-8B's published config (hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 kv heads, vocab 128256, bf16).
 LLAMA_3_8B = ModelShape(name="Llama-3-8B", hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                        num_kv_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False)
+                        num_kv_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                        checkpoint_dtype="bfloat16")
 
 
 def model_shape(name_or_path: str | Path) -> ModelShape:
@@ -130,6 +132,7 @@ def shape_from_config(path: str | Path) -> ModelShape:
         qkv_bias=qkv_bias,
         o_bias=bool(config.get("attention_bias", False)),
         mlp_bias=bool(config.get("mlp_bias", False)),
+        checkpoint_dtype=config.get("dtype") or config.get("torch_dtype"),
     )
 
 

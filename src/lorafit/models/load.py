@@ -25,6 +25,7 @@ from lorafit.config import LorafitWarning
 from lorafit.device import default_compute_dtype, default_device
 from lorafit.errors import UserError
 from lorafit.fileio import atomic_directory
+from lorafit.models.frozen_16bit import big_frozen_weights, compute_in_model_dtype, kept_dtype
 from lorafit.models.tensor_stream import SafetensorsStream
 from lorafit.models.zoo import KNOWN_MODELS, fetch_gguf, model_cache_dir
 from lorafit.quant import QUANT_SCHEMES, Linear4bit, QuantizationError, check_scheme, quantize_nf4
@@ -242,10 +243,14 @@ def _load_nf4_streamed(source: str, shards: dict[str, Path], dtype: torch.dtype,
         warnings.warn(f"{source!r}: the safetensors keys are not the model's own (no {missing[0]}); loading the whole "
                       "model through transformers, then quantising it.", LorafitWarning, stacklevel=3)
         return None
+    big_frozen = big_frozen_weights(model)
     with SafetensorsStream(shards.values()) as stream, _progress(stream, [*quantized, *rest], source) as bar:
 
+        def held_dtype(key: str) -> torch.dtype:
+            return kept_dtype(stream.stored_dtype(key), dtype) if key in big_frozen else dtype
+
         def read(key: str) -> torch.Tensor:
-            tensor = stream.read(key, dtype)  # floats converted to the model dtype as they are read
+            tensor = stream.read(key, held_dtype(key))  # floats converted as they are read
             bar.update(stream.nbytes(key))
             return tensor
 
@@ -254,8 +259,9 @@ def _load_nf4_streamed(source: str, shards: dict[str, Path], dtype: torch.dtype,
             model.set_submodule(name, _to_nf4(read(f"{name}.weight"), bias, device, dtype, double_quant, compute_dtype))
         for key in rest:
             if key in shards:
-                _assign(model, key, read(key), device, dtype)
+                _assign(model, key, read(key), device, held_dtype(key))
     model.tie_weights()
+    compute_in_model_dtype(model, dtype)
     _init_non_persistent_buffers(model, device)
     still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:

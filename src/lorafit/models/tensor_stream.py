@@ -76,6 +76,10 @@ class SafetensorsStream:
         """Size on disk of tensor `key`."""
         return self._entries[key][4]
 
+    def stored_dtype(self, key: str) -> torch.dtype:
+        """The dtype tensor `key` is stored in."""
+        return self._entries[key][2]
+
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tensor `key` in a buffer of its own (the only copy in this process). A floating-point tensor read with
         another floating `dtype` is converted READ_CHUNK_BYTES at a time into the result, so a bf16 tensor read as

@@ -16,6 +16,7 @@ from torch import nn
 
 from lorafit.data.chat import IGNORE
 from lorafit.device import head_chunk_rows
+from lorafit.models.frozen_16bit import compute_dtype, matmul_weight, matmul_weight_t
 
 
 class _HeadTokenLogprobs(torch.autograd.Function):
@@ -26,16 +27,16 @@ class _HeadTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature: float, compute_dtype: torch.dtype, want_grad: bool):
+    def forward(ctx, hidden, weight, targets, temperature: float, dtype: torch.dtype, want_grad: bool):
         rows = head_chunk_rows(weight.shape[0])
         logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
         direction = torch.empty_like(hidden) if want_grad else None  # d logprobs / d hidden: (N, H)
-        w = weight.to(compute_dtype)  # (V, H)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], rows):
                 stop = min(start + rows, hidden.shape[0])
                 y = targets[start:stop, None]  # (n, 1)
-                logits = (hidden[start:stop].to(compute_dtype) @ w.t()).float()  # (n, V): the one chunk buffer
+                # (n, V): the one chunk buffer; a 16-bit head (QLoRA, models.frozen_16bit) upcast a slice at a time
+                logits = matmul_weight_t(hidden[start:stop], weight, dtype).float()
                 if temperature != 1.0:
                     logits.div_(temperature)
                 logits.sub_(logits.amax(dim=1, keepdim=True))  # shifted so that exp cannot overflow
@@ -45,7 +46,7 @@ class _HeadTokenLogprobs(torch.autograd.Function):
                 if want_grad:
                     probs = logits.div_(total)  # softmax, in place
                     probs.scatter_add_(1, y, probs.new_full(y.shape, -1.0))  # p - onehot(y)
-                    grad = probs.to(compute_dtype) @ w  # (n, H)
+                    grad = matmul_weight(probs, weight, dtype)  # (n, H)
                     direction[start:stop] = grad.to(direction.dtype).mul_(-1.0 / temperature)
                     del probs
                 del logits  # before the next chunk's logits exist: one chunk alive at a time
@@ -69,12 +70,10 @@ def head_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if weight.requires_grad:
         raise ValueError("head_token_logprobs needs a frozen output head; a trained head takes the stock loss "
                          "(has_plain_head is False for it).")
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     # forward runs with grad mode off, where needs_input_grad still says True: decide here, so that evaluation and
     # reference log-probs under no_grad skip the gradient's matmul and its (N, H) tensor
     want_grad = torch.is_grad_enabled() and hidden.requires_grad
-    return _HeadTokenLogprobs.apply(hidden, weight, targets, float(temperature), dtype, want_grad)
+    return _HeadTokenLogprobs.apply(hidden, weight, targets, float(temperature), compute_dtype(hidden), want_grad)
 
 
 def has_plain_head(model: nn.Module) -> bool:
