@@ -127,8 +127,8 @@ def test_compound_share_makes_two_word_items(mo: ModuleType) -> None:
 
 
 def test_plain_recipe_reproduces_the_first_quickstart_data(mo: ModuleType) -> None:
-    """The defaults (--copy-share 0 --no-broad) are the generator before copy-teaching: its files' sha256."""
-    train, eval_rows = mo.generate(0, 400, 60)
+    """--copy-share 0 --no-broad is the generator before copy-teaching: its files' sha256."""
+    train, eval_rows = mo.generate(0, 400, 60, copy_share=0.0, broad=False)
     digest = {name: hashlib.sha256("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
               .hexdigest() for name, rows in (("train", train), ("eval", eval_rows))}
     assert digest == {"train": "3c53b7584880be22bedfc26d42d7b7099ca782abfc82fb4924e1c8a53bf8ca56",
