@@ -10,6 +10,7 @@ import torch
 
 import lorafit
 from lorafit.data.chat import build_prompt_ids
+from lorafit.distributed import Runner
 from lorafit.run_config import GRPOConfig
 from lorafit.train.grpo import (
     Prompt,
@@ -56,7 +57,7 @@ def test_sampled_logprobs_match_the_training_layout_and_a_step_runs(smollm2):
     refs = [reference_logprobs(model, batch, 0.9)]
     reference_s = time.perf_counter() - clock
     clock = time.perf_counter()
-    stats = update_step(model, [batch], [None], refs, GRPOConfig(), use_bf16=False)
+    stats = update_step(Runner(model), [batch], [None], refs, GRPOConfig(), use_bf16=False)
     print(f"SmolLM2 GRPO pieces for 2 x ~{batch['input_ids'].shape[1]} tokens: reference {reference_s:.2f}s, "
           f"forward+backward {time.perf_counter() - clock:.2f}s; kl {stats['kl']:.4f}")
     grads = [p.grad for p in model.parameters() if p.requires_grad]
