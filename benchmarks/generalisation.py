@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 OOD_FILE = EXAMPLES / "data" / "orders_ood.jsonl"
 INDEPENDENT_FILE = EXAMPLES / "data" / "orders_independent.jsonl"
+INDEPENDENT2_FILE = EXAMPLES / "data" / "orders_independent2.jsonl"
 OUT = RESULTS_DIR / "generalisation.json"
 
 
@@ -53,13 +54,16 @@ class Variant:
     copy_share: float = 0.0
     broad: bool = False
     compound_share: float = 0.0  # made-up items written as two words
+    rich_share: float = 0.0  # real-vocabulary orders from make_orders' wide pools (compound items, idioms, chatter)
+    train_rows: int = 400
     config: str = "quickstart.yaml"
     overrides: tuple[str, ...] = ()
     note: str = ""
 
     @property
     def recipe(self) -> str:
-        return f"copy{self.copy_share:g}_{'broad' if self.broad else 'plain'}_compound{self.compound_share:g}"
+        recipe = f"copy{self.copy_share:g}_{'broad' if self.broad else 'plain'}_compound{self.compound_share:g}"
+        return recipe + (f"_rich{self.rich_share:g}_{self.train_rows}" if self.rich_share else "")
 
 
 NEW = {"copy_share": 0.5, "broad": True}  # the recipe the quickstart ships (make_orders' defaults)
@@ -93,11 +97,12 @@ def _make_orders():
 
 
 def write_recipe(variant: Variant, work: Path) -> Path:
-    """Generate the variant's train/eval files (seed 0, 400/60 rows) under work/<recipe>/data; returns that folder."""
+    """Generate the variant's train/eval files (seed 0, train_rows/60 rows) under work/<recipe>/data; returns that
+    folder."""
     folder = work / variant.recipe
-    args = ["--seed", "0", "--train", "400", "--eval", "60", "--copy-share", str(variant.copy_share),
+    args = ["--seed", "0", "--train", str(variant.train_rows), "--eval", "60", "--copy-share", str(variant.copy_share),
             "--broad" if variant.broad else "--no-broad", "--compound-share", str(variant.compound_share),
-            "--out-dir", str(folder)]
+            "--rich-share", str(variant.rich_share), "--out-dir", str(folder)]
     _make_orders().main(args)
     return folder / "data"
 
@@ -125,7 +130,7 @@ def train_variant(name: str, variant: Variant, data: Path, work: Path) -> tuple[
     return run_dir, {"train_wall_s": time.perf_counter() - start, "train_cpu_s": child_cpu_seconds() - cpu}
 
 
-SETS = ("in_distribution", "out_of_distribution", "independent")
+SETS = ("in_distribution", "out_of_distribution", "independent", "independent2")
 
 
 def score_variant(variant: Variant, run_dir: Path, data: Path, sets: list[str],
@@ -139,7 +144,7 @@ def score_variant(variant: Variant, run_dir: Path, data: Path, sets: list[str],
     load_adapter(model, run_dir / "adapter")
     metric, options = config.evaluation.metric, {"max_new_tokens": config.evaluation.max_new_tokens}
     files = {"in_distribution": data / "orders_eval.jsonl", "out_of_distribution": OOD_FILE,
-             "independent": INDEPENDENT_FILE}
+             "independent": INDEPENDENT_FILE, "independent2": INDEPENDENT2_FILE}
     results = {}
     for name in sets:
         limit = id_limit if name == "in_distribution" else None
@@ -164,9 +169,9 @@ def table(results: dict[str, Any]) -> str:
     for name, entry in results["variants"].items():
         sets = entry["sets"]
         rows.append([name, _cell(sets.get("in_distribution")), _cell(sets.get("out_of_distribution")),
-                     _cell(sets.get("independent")), _seconds(entry.get("train_wall_s")), _seconds(entry.get("train_cpu_s")),
+                     _cell(sets.get("independent")), _cell(sets.get("independent2")), _seconds(entry.get("train_wall_s")), _seconds(entry.get("train_cpu_s")),
                      entry["note"]])
-    headers = ["variant", "ID %", "OOD % ± SE", "independent % ± SE", "train wall s", "train CPU s", "what"]
+    headers = ["variant", "ID %", "OOD % ± SE", "independent % ± SE", "independent2 % ± SE", "train wall s", "train CPU s", "what"]
     return markdown_table(headers, rows)
 
 

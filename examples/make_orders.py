@@ -170,6 +170,125 @@ BROAD_TEMPLATES: tuple[str, ...] = (
     "Please deliver {qty} {items} in {color} to {city} next week.",
 )
 
+# --rich-share: real-vocabulary orders from wide pools (none of them an OOD value), with quantity idioms and the
+# chatter real messages carry (greetings, names, dates, order numbers). Items are single nouns and compounds whose
+# plural inflects the last word; the answer names the item in the singular, whole.
+RICH_ITEMS: dict[str, str] = {
+    **{noun: noun + "s" for noun in (
+        "spoon", "fork", "plate", "bowl", "saucer", "jug", "ladle", "spatula", "colander", "skillet", "tablecloth",
+        "doormat", "mop", "sponge", "hanger", "drawer", "desk", "couch", "ottoman", "mattress", "quilt", "towel",
+        "sock", "hat", "cap", "belt", "shirt", "blouse", "skirt", "coat", "boot", "sandal", "sneaker", "slipper",
+        "mitten", "beanie", "bracelet", "necklace", "ring", "earring", "badge", "sticker", "poster", "easel",
+        "crayon", "marker", "eraser", "ruler", "stapler", "binder", "folder", "calculator", "keyboard", "speaker",
+        "headset", "charger", "cable", "router", "tablet", "camera", "tripod", "flashlight", "drill", "hammer",
+        "shovel", "rake", "hose", "trowel", "scooter", "surfboard", "paddle", "racket", "medal", "frisbee", "ribbon",
+        "wreath", "ornament", "figurine", "doll", "puppet", "marble", "tile", "plank", "bolt", "screw", "hinge",
+        "key", "teacup", "goblet", "decanter", "carafe", "jersey", "toothbrush", "hairbrush", "suitcase", "dumbbell",
+        "kettlebell", "basketball", "football", "volleyball", "frying pan", "salad bowl", "butter knife",
+        "oven mitt", "ice tray", "shower curtain", "laundry bag", "ironing board", "ceiling fan", "coat hook",
+        "coat rack", "key ring", "photo album", "paint roller", "sketch pad", "glue stick", "paper clip",
+        "rubber band", "sticky note", "coffee table", "side table", "garden chair", "plant pot", "bird feeder",
+        "dog bowl", "dog collar", "cat bed", "fishing rod", "golf ball", "golf club", "baseball cap", "hockey stick",
+        "ski jacket", "swim cap", "tape measure", "ear plug", "extension cord", "light bulb", "power strip",
+        "phone charger", "memory card", "hard drive", "ink cartridge", "gift bag", "duffel bag", "travel pillow",
+        "shower cap", "candle holder", "wine rack", "spice jar", "cookie jar", "baking tray", "muffin tin",
+        "pizza cutter", "bottle opener", "can opener", "salt shaker", "pepper mill", "egg cup", "place mat",
+        "table lamp", "night light", "name tag", "luggage tag", "milk crate", "fruit bowl", "bread bin", "trash can",
+        "recycling bin", "pencil sharpener", "desk fan", "beach ball", "tennis racket", "exercise ball",
+        "resistance band", "foam roller", "snow shovel", "ice scraper", "bike lock", "bike light", "bike bell",
+        "tire pump", "door stop", "chopping board", "rolling pin", "cake tin", "sauce pan", "soup bowl", "dish rack",
+        "bath toy", "toy car", "board game", "jigsaw", "paper plate", "party cup", "table cloth", "flask",
+        "dress shirt", "loaf pan", "baby onesie", "ukulele", "radio", "cactus pot", "puppy bed")},
+    **{
+        "dish": "dishes", "torch": "torches", "wrench": "wrenches", "brooch": "brooches", "compass": "compasses",
+        "sandwich box": "sandwich boxes", "tool box": "tool boxes", "gift box": "gift boxes",
+        "pencil box": "pencil boxes", "matchbox": "matchboxes", "paint brush": "paint brushes",
+        "scrubbing brush": "scrubbing brushes", "battery": "batteries", "diary": "diaries", "trophy": "trophies",
+        "bread knife": "bread knives", "steak knife": "steak knives", "pocket knife": "pocket knives",
+        "book shelf": "book shelves", "wall shelf": "wall shelves", "silk scarf": "silk scarves",
+        "hobby knife": "hobby knives", "wristwatch": "wristwatches", "stopwatch": "stopwatches",
+        "hatbox": "hatboxes"},
+}
+
+RICH_COLORS: tuple[str, ...] = (
+    "midnight blue", "ice blue", "sea green", "moss green", "apple green", "lemon yellow", "sunflower", "honey",
+    "butter", "cherry", "brick red", "wine", "claret", "raspberry", "cranberry", "berry", "hot pink", "baby pink",
+    "bubblegum", "orchid", "heather", "amethyst", "aubergine", "mulberry", "grape", "chocolate", "caramel",
+    "cinnamon", "hazel", "walnut", "mahogany", "chestnut", "sand", "stone", "pebble", "smoke", "ash", "steel",
+    "steel grey", "pearl", "off-white", "bone", "linen", "pistachio", "fern", "pine", "spruce", "jungle green",
+    "aquamarine", "ocean blue", "denim", "cornflower", "petrol", "electric blue", "neon green", "pumpkin", "brick",
+    "cognac", "tobacco", "sepia", "jet black", "onyx", "platinum", "nickel", "ruby red", "lime green", "dark blue",
+    "light green", "pale yellow", "deep purple", "soft pink", "warm grey",
+)
+
+RICH_CITIES: tuple[str, ...] = (
+    "Barcelona", "Brussels", "Bucharest", "Sofia", "Belgrade", "Sarajevo", "Skopje", "Tirana", "Riga", "Vilnius",
+    "Kyiv", "Odesa", "Lviv", "Ankara", "Izmir", "Beirut", "Amman", "Doha", "Riyadh", "Jeddah", "Baku", "Almaty",
+    "Tashkent", "Lahore", "Delhi", "Kolkata", "Hyderabad", "Colombo", "Yangon", "Bangkok", "Phnom Penh", "Vientiane",
+    "Surabaya", "Denpasar", "Cebu", "Davao", "Taipei", "Hong Kong", "Beijing", "Shenzhen", "Chengdu", "Osaka",
+    "Nagoya", "Sapporo", "Fukuoka", "Busan", "Incheon", "Vladivostok", "Novosibirsk", "Moscow", "Kazan", "Vancouver",
+    "Edmonton", "Ottawa", "Halifax", "Boston", "Philadelphia", "Baltimore", "Pittsburgh", "Cleveland", "Detroit",
+    "Milwaukee", "Minneapolis", "Phoenix", "Dallas", "Houston", "Miami", "Orlando", "Atlanta", "Memphis", "Seattle",
+    "Los Angeles", "Sacramento", "Kansas City", "St. Louis", "Mexico City", "Puebla", "Tijuana", "Kingston",
+    "Panama City", "Managua", "Medellín", "Cali", "Caracas", "Arequipa", "La Paz", "Córdoba", "Recife", "Salvador",
+    "Fortaleza", "Curitiba", "Belo Horizonte", "Manaus", "Brasília", "Fez", "Algiers", "Khartoum", "Dar es Salaam",
+    "Lusaka", "Harare", "Maputo", "Luanda", "Kinshasa", "Abuja", "Kano", "Bamako", "Ouagadougou", "Abidjan",
+    "Freetown", "Monrovia", "Durban", "Pretoria", "Gaborone", "Antananarivo", "Darwin", "Canberra", "Hamilton",
+    "Nelson", "Suva", "Apia", "Nouméa", "Aberdeen", "Belfast", "Cork", "Liverpool", "Bristol", "Oxford", "Cambridge",
+    "York", "Nottingham", "Brighton", "Nice", "Toulouse", "Nantes", "Lille", "Strasbourg", "Hamburg", "Cologne",
+    "Leipzig", "Dresden", "Zurich", "Basel", "Salzburg", "Graz", "Milan", "Turin", "Naples", "Venice", "Genoa",
+    "Palermo", "Valencia", "Bilbao", "Málaga", "Granada", "Zaragoza", "Gothenburg", "Malmö", "Uppsala", "Aarhus",
+    "Odense", "Tampere", "Turku", "Wrocław", "Poznań", "Brno", "Košice", "Debrecen", "Cluj-Napoca", "Thessaloniki",
+    "Patras", "Nicosia", "Valletta", "Luxembourg", "Monaco", "Andorra la Vella", "Stavanger", "Aalborg", "Reims",
+    "Le Havre", "Utrecht", "Eindhoven", "Groningen", "Leuven", "Liège", "Namur",
+)
+
+# Quantity idioms (text, value): none is 21-99, the OOD file's range.
+QUANTITY_IDIOMS: tuple[tuple[str, int], ...] = (
+    ("a dozen", 12), ("half a dozen", 6), ("a pair of", 2), ("a single", 1), ("just one", 1),
+)
+THOUSAND_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+# Chatter around the order, as real messages carry it; {name} {n} {date} are filled in, digits included on purpose.
+RICH_PREFIXES: tuple[str, ...] = (
+    "Hello,", "Good morning!", "Hi team,", "Dear Sir or Madam,", "Hey there,", "Quick one:", "Order request:",
+    "Re: order #{n} -", "This is {name} from the purchasing office.", "My name is {name}.", "Hello again,",
+    "Morning!", "Following up on our call,", "Happy Monday!", "Greetings from {name},", "As discussed,",
+)
+RICH_SUFFIXES: tuple[str, ...] = (
+    "Thanks!", "Thank you.", "Cheers, {name}", "Best regards, {name}", "We need them by {date}.",
+    "It's for our spring fair.", "Please invoice us as usual.", "Reference: PO-{n}.",
+    "Call me if anything is unclear.", "Delivery before {date} would be great.", "Many thanks, {name}.",
+    "Our account number is {n}.", "Let me know the cost.", "They are gifts for the staff.",
+    "Please confirm by email.", "Much appreciated!",
+)
+FIRST_NAMES: tuple[str, ...] = ("Ana", "Ben", "Chloe", "Dev", "Elif", "Farid", "Greta", "Hiro", "Ines", "Jonas",
+                                "Kofi", "Lena", "Mateo", "Nadia", "Omar", "Paula", "Ravi", "Sven", "Tomás", "Yuki")
+MONTHS: tuple[str, ...] = ("January", "February", "March", "April", "May", "June", "July", "August",
+                           "September", "October", "November", "December")
+
+RICH_TEMPLATES: tuple[str, ...] = (
+    "I'd like {qty} {color} {items} delivered to {city}.",
+    "We're after {qty} {color} {items} for our shop in {city}.",
+    "Please send {qty} {items} in {color} to {city}.",
+    "Could we get {qty} {color} {items} sent to {city}?",
+    "Is it possible to ship {qty} {color} {items} to {city}?",
+    "{city} office here: we need {qty} {color} {items}.",
+    "Looking to buy {qty} {color} {items} for a project in {city}.",
+    "Can I order {qty} {color} {items}? They go to {city}.",
+    "We run a small business in {city} and need {qty} {color} {items}.",
+    "For the {city} team, {qty} {color} {items} please.",
+    "{qty} {color} {items} to {city}, please.",
+    "Please have {qty} {color} {items} delivered to our store in {city}.",
+    "I need {qty} {items} ({color}) sent to {city} before the weekend.",
+    "Our client in {city} is asking for {qty} {color} {items}.",
+    "Could you deliver {qty} {color} {items} to the {city} warehouse?",
+    "Please post {qty} {color} {items} to {city}.",
+    "Shipping to {city}: {qty} {color} {items}, thanks.",
+    "Place an order for {qty} {color} {items} to be sent to {city}.",
+    "We would like to purchase {qty} {items}, colour {color}, for delivery to {city}.",
+)
+
 # Copy-teaching: made-up values built from these parts (pseudo-words: onset + vowel + coda syllables).
 ONSETS: tuple[str, ...] = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
                            "br", "dr", "gr", "kl", "pl", "tr", "sk", "st", "sh", "ch", "fl", "gl", "sn", "w")
@@ -199,23 +318,30 @@ class Order:
     lower_start: bool = False  # --broad: keep the first letter lower-case
     drop_final_punctuation: bool = False  # --broad: no final ".", "?" or "!"
     article_for_one: bool = False  # --broad: quantity 1 in words reads "a"/"an" instead of "one"
+    quantity_text: str = ""  # --rich-share: the quantity as written when it is neither digits nor number_words
+    prefix: str = ""  # --rich-share: chatter before the order ("Hello,", "My name is Ana.")
+    suffix: str = ""  # --rich-share: chatter after it ("Thanks!", "Reference: PO-4821.")
 
     def sentence(self) -> str:
         """Render the user message."""
-        qty = number_words(self.quantity) if self.as_words else str(self.quantity)
+        qty = self.quantity_text or (number_words(self.quantity) if self.as_words else str(self.quantity))
         items = self.item if self.quantity == 1 else self.plural
         text = self.template.format(qty="\0", color=self.color, items=items, city=self.city)
-        if self.as_words and self.quantity == 1 and self.article_for_one:
+        if self.as_words and self.quantity == 1 and self.article_for_one and not self.quantity_text:
             qty = "an" if text.split("\0", 1)[1].lstrip()[:1].lower() in tuple("aeiou") else "a"
         text = text.replace("\0", qty)
-        if self.drop_final_punctuation and text[-1] in ".?!":
+        if self.drop_final_punctuation and text[-1] in ".?!" and not self.suffix:
             text = text[:-1]
+        if self.prefix.endswith((",", ":", "-")) and not self.template.startswith(("{", "I ", "I'")):
+            text = text[0].lower() + text[1:]  # "Hello, please ship ..." ({city} and "I" keep their capital)
+        text = " ".join(part for part in (self.prefix, text, self.suffix) if part)
         return text if self.lower_start else text[0].upper() + text[1:]
 
     def answer(self) -> str:
-        """Render the assistant reply as compact-ordered JSON."""
+        """Render the assistant reply as compact-ordered JSON, accents as written ("Medellín", not "Medell\\u00edn":
+        the reply copies the sentence's characters instead of escaping them)."""
         return json.dumps(
-            {"item": self.item, "color": self.color, "quantity": self.quantity, "city": self.city}
+            {"item": self.item, "color": self.color, "quantity": self.quantity, "city": self.city}, ensure_ascii=False
         )
 
     def row(self) -> dict[str, list[dict[str, str]]]:
@@ -288,7 +414,8 @@ def _sample_order(rng: random.Random, item: str | None = None, city: str | None 
 def _forbidden_words() -> set[str]:
     """Every word of the held-out (OOD) pools and of the real train values: made-up names must avoid them all."""
     values = [*OOD_ITEMS, *OOD_ITEMS.values(), *OOD_COLORS, *OOD_CITIES, *TENS_WORDS,
-              *ITEMS, *ITEMS.values(), *COLORS, *CITIES, *NUMBER_WORDS]
+              *ITEMS, *ITEMS.values(), *COLORS, *CITIES, *NUMBER_WORDS,
+              *RICH_ITEMS, *RICH_ITEMS.values(), *RICH_COLORS, *RICH_CITIES]
     return {word.lower() for value in values for word in value.replace("-", " ").split()}
 
 
@@ -340,14 +467,67 @@ def _made_up_city(rng: random.Random) -> str:
     return f"{name()} {rng.choice(CITY_SUFFIXES)}" if roll < 0.88 else f"{name()} {name()}"
 
 
-def _sample_copy_order(rng: random.Random, broad: bool, compound_share: float) -> Order:
-    """Copy-teaching: an order of a made-up item, in a made-up or shaded colour, to a made-up city."""
-    item, plural = _made_up_item(rng, compound_share)
-    color, city = _made_up_color(rng), _made_up_city(rng)
-    quantity, as_words = _quantity(rng, broad)
-    order = Order(item=item, color=color, quantity=quantity, city=city, template=rng.choice(_templates(broad)),
-                  as_words=as_words, plural=plural)
-    return _phrasing(rng, order, broad)
+def _sample_copy_order(rng: random.Random, broad: bool, compound_share: float, rich: bool = False) -> Order:
+    """Copy-teaching: an order of a made-up item, in a made-up or shaded colour, to a made-up city.
+
+    With `rich`, never both item and colour made up (which word is the colour would be a guess): a made-up item
+    (possibly two words) in a real colour, or a real item in a made-up colour; the city made up or a real one of
+    RICH_CITIES; rich quantities and chatter."""
+    if not rich:
+        item, plural = _made_up_item(rng, compound_share)
+        color, city = _made_up_color(rng), _made_up_city(rng)
+        quantity, as_words = _quantity(rng, broad)
+        order = Order(item=item, color=color, quantity=quantity, city=city, template=rng.choice(_templates(broad)),
+                      as_words=as_words, plural=plural)
+        return _phrasing(rng, order, broad)
+    if rng.random() < 0.5:
+        item, plural = _made_up_item(rng, compound_share)
+        color = rng.choice(COLORS + RICH_COLORS)
+    else:
+        item = rng.choice(list(ITEMS) + list(RICH_ITEMS))
+        plural, color = {**ITEMS, **RICH_ITEMS}[item], _made_up_color(rng)
+    city = _made_up_city(rng) if rng.random() < 0.6 else rng.choice(RICH_CITIES)
+    return _rich_order(rng, item, plural, color, city)
+
+
+def _rich_quantity(rng: random.Random) -> tuple[int, bool, str]:
+    """(quantity, as_words, quantity_text): an idiom ("a dozen"), thousands ("2,500", "three thousand"),
+    hundreds, or 1-20 as digits or words; never 21-99."""
+    roll = rng.random()
+    if roll < 0.15:
+        text, quantity = rng.choice(QUANTITY_IDIOMS)
+        return quantity, False, text
+    if roll < 0.3:
+        quantity = rng.choice((rng.randrange(1000, 10001, 50), 1000 * rng.randint(1, 10)))
+        style = rng.random()
+        if quantity % 1000 == 0 and style < 0.4:
+            return quantity, False, f"{THOUSAND_WORDS[quantity // 1000 - 1]} thousand"
+        return quantity, False, f"{quantity:,}" if style < 0.7 else str(quantity)
+    quantity, as_words = _quantity(rng, broad=roll < 0.5)
+    return quantity, as_words, ""
+
+
+def _chatter(rng: random.Random, pool: tuple[str, ...]) -> str:
+    """One line of `pool` with its {name} {n} {date} filled in."""
+    return rng.choice(pool).format(name=rng.choice(FIRST_NAMES), n=rng.randint(100, 99999),
+                                   date=f"{rng.randint(1, 28)} {rng.choice(MONTHS)}")
+
+
+def _rich_order(rng: random.Random, item: str, plural: str, color: str, city: str) -> Order:
+    """An order phrased by any train template, with a rich quantity and, a third of the time each, chatter."""
+    quantity, as_words, quantity_text = _rich_quantity(rng)
+    order = Order(item=item, color=color, quantity=quantity, city=city,
+                  template=rng.choice(_templates(True) + RICH_TEMPLATES), as_words=as_words, plural=plural,
+                  quantity_text=quantity_text,
+                  prefix=_chatter(rng, RICH_PREFIXES) if rng.random() < 0.35 else "",
+                  suffix=_chatter(rng, RICH_SUFFIXES) if rng.random() < 0.35 else "")
+    return _phrasing(rng, order, True)
+
+
+def _sample_rich_order(rng: random.Random) -> Order:
+    """A real-vocabulary order from the wide pools (RICH_*)."""
+    item = rng.choice(list(RICH_ITEMS))
+    return _rich_order(rng, item, RICH_ITEMS[item], rng.choice(RICH_COLORS), rng.choice(RICH_CITIES))
 
 
 def _sample_ood_order(rng: random.Random) -> Order:
@@ -364,11 +544,12 @@ def _sample_ood_order(rng: random.Random) -> Order:
 
 
 def _draw_unique(rng: random.Random, n: int, seen: set[str], held_out: bool | None, broad: bool = False,
-                 copy: bool = False, compound_share: float = 0.0) -> list[dict]:
+                 copy: bool = False, compound_share: float = 0.0, rich: bool = False) -> list[dict]:
     """Draw `n` rows whose user sentences are not in `seen` (updated in place).
 
     held_out=True forces a held-out (item, city) pair, False forbids them, None allows any; copy=True draws
-    copy-teaching orders (made-up values) instead.
+    copy-teaching orders (made-up values) instead; rich=True alone draws orders from the wide real pools, and
+    with copy=True the rich copy-teaching orders.
     """
     rows: list[dict] = []
     attempts = 0
@@ -377,7 +558,9 @@ def _draw_unique(rng: random.Random, n: int, seen: set[str], held_out: bool | No
         if attempts > 1000 * (n + 1):
             raise ValueError(f"could not draw {n} unique sentences")
         if copy:
-            order = _sample_copy_order(rng, broad, compound_share)
+            order = _sample_copy_order(rng, broad, compound_share, rich)
+        elif rich:
+            order = _sample_rich_order(rng)
         elif held_out:
             order = _sample_order(rng, *rng.choice(HELD_OUT_PAIRS), broad=broad)
         else:
@@ -398,29 +581,37 @@ def _draw_unique(rng: random.Random, n: int, seen: set[str], held_out: bool | No
 # 33.8% (27/80); on orders_ood.jsonl 56.7% vs 63.3% (60 rows: +-6 points, within noise).
 DEFAULT_COPY_SHARE = 0.5
 DEFAULT_BROAD = True
+DEFAULT_RICH_SHARE = 0.0
+DEFAULT_REPLAY_SHARE = 0.0
+REPLAY_FILE = Path(__file__).resolve().parent / "data" / "general_replay.jsonl"
 
 
 def generate(seed: int, n_train: int, n_eval: int, copy_share: float = DEFAULT_COPY_SHARE,
-             broad: bool = DEFAULT_BROAD, compound_share: float = 0.0) -> tuple[list[dict], list[dict]]:
+             broad: bool = DEFAULT_BROAD, compound_share: float = 0.0,
+             rich_share: float = 0.0) -> tuple[list[dict], list[dict]]:
     """Return (train, eval) rows; no user sentence appears twice across both splits.
 
     `copy_share` of the train rows are copy-teaching orders (their own random stream, then shuffled in);
-    `broad` widens phrasing and quantities of every row; `compound_share` of the made-up items are two words.
-    Eval rows are real-vocabulary orders only.
+    `broad` widens phrasing and quantities of every row; `compound_share` of the made-up items are two words;
+    `rich_share` of the train rows are real-vocabulary orders from the wide pools (RICH_*, own stream), and with
+    it the copy-teaching rows take the rich form (_sample_copy_order). Eval rows are the first pools' orders only.
     """
-    if not 0 <= copy_share <= 1:
-        raise ValueError(f"copy_share={copy_share} must lie in [0, 1]")
+    if not (0 <= copy_share <= 1 and 0 <= rich_share <= 1 and copy_share + rich_share <= 1):
+        raise ValueError(f"copy_share={copy_share} and rich_share={rich_share} must lie in [0, 1] with a sum <= 1")
     rng = random.Random(seed)
     seen: set[str] = set()
-    n_copy = round(n_train * copy_share)
-    train = _draw_unique(rng, n_train - n_copy, seen, held_out=False, broad=broad)
+    n_copy, n_rich = round(n_train * copy_share), round(n_train * rich_share)
+    train = _draw_unique(rng, n_train - n_copy - n_rich, seen, held_out=False, broad=broad)
     n_held = round(n_eval * HELD_OUT_EVAL_FRACTION)
     eval_rows = _draw_unique(rng, n_held, seen, held_out=True, broad=broad)
     eval_rows += _draw_unique(rng, n_eval - n_held, seen, held_out=None, broad=broad)
     rng.shuffle(eval_rows)
     if n_copy:
         train += _draw_unique(random.Random(f"copy-{seed}"), n_copy, seen, held_out=None, broad=broad, copy=True,
-                              compound_share=compound_share)
+                              compound_share=compound_share, rich=rich_share > 0)
+    if n_rich:
+        train += _draw_unique(random.Random(f"rich-{seed}"), n_rich, seen, held_out=None, rich=True)
+    if n_copy or n_rich:
         random.Random(f"mix-{seed}").shuffle(train)
     return train, eval_rows
 
@@ -441,6 +632,26 @@ def generate_ood(seed: int, n: int) -> list[dict]:
             seen.add(order.sentence())
             rows.append(order.row())
     return rows
+
+
+def mix_in_replay(train: list[dict], replay_file: Path, share: float, seed: int) -> list[dict]:
+    """`train` plus replay rows (the base model's own replies to general prompts: examples/make_replay.py) making
+    up `share` of the result, drawn without replacement and shuffled in; their own random stream.
+
+    Training on the base's own answers keeps the adapter close to the base off-task (lower forgetting KL)."""
+    if not 0 <= share < 1:
+        raise ValueError(f"replay_share={share} must lie in [0, 1)")
+    n_replay = round(len(train) * share / (1 - share))
+    if not n_replay:
+        return train
+    replay = [json.loads(line) for line in replay_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if n_replay > len(replay):
+        raise ValueError(f"{replay_file}: {len(replay)} rows, {n_replay} needed for replay_share={share}; "
+                         "lower the share or generate more rows")
+    rng = random.Random(f"replay-{seed}")
+    mixed = train + rng.sample(replay, n_replay)
+    rng.shuffle(mixed)
+    return mixed
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
@@ -469,12 +680,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="more phrasings, casing, 'a'/'an' for one, quantities 100-999")
     parser.add_argument("--compound-share", type=float, default=0.0,
                         help="share of made-up items written as two words (ambiguous next to made-up colours)")
+    parser.add_argument("--rich-share", type=float, default=DEFAULT_RICH_SHARE,
+                        help="share of train rows from the wide real pools (compound items, idioms, chatter)")
+    parser.add_argument("--replay-share", type=float, default=DEFAULT_REPLAY_SHARE,
+                        help="share of the train file made of replay rows (the base model's own general replies)")
+    parser.add_argument("--replay-file", type=Path, default=REPLAY_FILE, help="replay rows (examples/make_replay.py)")
     parser.add_argument(
         "--out-dir", type=Path, default=Path(__file__).resolve().parent,
         help="folder whose data/ subfolder receives the files (default: this script's folder)",
     )
     args = parser.parse_args(argv)
-    train, eval_rows = generate(args.seed, args.train, args.eval, args.copy_share, args.broad, args.compound_share)
+    train, eval_rows = generate(args.seed, args.train, args.eval, args.copy_share, args.broad, args.compound_share,
+                                args.rich_share)
+    train = mix_in_replay(train, args.replay_file, args.replay_share, args.seed)
     data_dir = args.out_dir / "data"
     write_jsonl_atomic(data_dir / "orders_train.jsonl", train)
     write_jsonl_atomic(data_dir / "orders_eval.jsonl", eval_rows)

@@ -70,7 +70,7 @@ def test_answers_are_canonical_json(mo: ModuleType, splits) -> None:
         raw = row["messages"][2]["content"]
         ans = json.loads(raw)
         assert list(ans) == ["item", "color", "quantity", "city"]
-        assert raw == json.dumps(ans)
+        assert raw == json.dumps(ans, ensure_ascii=False)
         q = ans["quantity"]
         assert type(q) is int and (1 <= q <= 20 or 100 <= q <= 999)
         assert ans["item"] == ans["item"].lower() and ans["color"] == ans["color"].lower()
@@ -227,7 +227,7 @@ def test_ood_rows_are_deterministic_canonical_and_unique(mo: ModuleType, ood) ->
         assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
         assert row["messages"][0]["content"] == mo.SYSTEM_PROMPT
         raw, ans = row["messages"][2]["content"], _answer(row)
-        assert raw == json.dumps(ans) and list(ans) == ["item", "color", "quantity", "city"]
+        assert raw == json.dumps(ans, ensure_ascii=False) and list(ans) == ["item", "color", "quantity", "city"]
         text, q = _user(row).lower(), ans["quantity"]
         assert str(q) in re.findall(r"\d+", text) or re.search(rf"\b{mo.number_words(q)}\b", text), text
         noun = ans["item"] if q == 1 else mo.OOD_ITEMS[ans["item"]]
@@ -263,3 +263,89 @@ def test_number_words(mo: ModuleType) -> None:
         assert not mo.has_words(unspellable)
         with pytest.raises(ValueError, match=f"quantity={unspellable}"):
             mo.number_words(unspellable)
+
+
+INDEPENDENT_FILES = [SCRIPT.parent / "data" / name for name in ("orders_independent.jsonl", "orders_independent2.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def rich_splits(mo: ModuleType) -> tuple[list[dict], list[dict]]:
+    return mo.generate(seed=0, n_train=600, n_eval=60, copy_share=0.4, broad=True, rich_share=0.3)
+
+
+def _rich_quantity_forms(mo: ModuleType, q: int) -> set[str]:
+    forms = {str(q), f"{q:,}"} | ({mo.number_words(q)} if mo.has_words(q) else set())
+    forms |= {text for text, value in mo.QUANTITY_IDIOMS if value == q} | ({"a", "an"} if q == 1 else set())
+    return forms | ({f"{mo.THOUSAND_WORDS[q // 1000 - 1]} thousand"} if q % 1000 == 0 and q <= 10000 else set())
+
+
+def test_rich_pools_hold_no_held_out_value(mo: ModuleType) -> None:
+    """The wide pools share no word with the OOD pools and no value with the independently written sets."""
+    rich_values = [*mo.RICH_ITEMS, *mo.RICH_ITEMS.values(), *mo.RICH_COLORS, *mo.RICH_CITIES]
+    ood_words = {w for value in (*mo.OOD_ITEMS, *mo.OOD_ITEMS.values(), *mo.OOD_COLORS, *mo.OOD_CITIES)
+                 for w in _words(value)}
+    assert not {w for value in rich_values for w in _words(value)} & ood_words
+    held_out: dict[str, set] = {"item": set(), "color": set(), "city": set()}
+    for path in INDEPENDENT_FILES:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            answer = _answer(json.loads(line))
+            for key, values in held_out.items():
+                values.add(answer[key])
+    assert all(len(values) >= 70 for values in held_out.values())  # both files were read
+    assert not set(mo.RICH_ITEMS) & held_out["item"]
+    assert not set(mo.RICH_COLORS) & held_out["color"]
+    assert not set(mo.RICH_CITIES) & held_out["city"]
+
+
+def test_rich_rows_are_canonical_and_mention_their_values(mo: ModuleType, rich_splits) -> None:
+    train, eval_rows = rich_splits
+    test_eval_rows_use_real_vocabulary_only(mo, rich_splits)
+    test_ood_values_and_phrasings_never_occur_in_train_or_eval(mo, rich_splits, mo.generate_ood(0, 60))
+    users = [_user(r) for r in train + eval_rows]
+    assert len(set(users)) == len(users)
+    for row in train:
+        raw, ans, text = row["messages"][2]["content"], _answer(row), _user(row)
+        assert raw == json.dumps(ans, ensure_ascii=False) and list(ans) == ["item", "color", "quantity", "city"]
+        q = ans["quantity"]
+        assert type(q) is int and (1 <= q <= 20 or 100 <= q <= 10000), q
+        assert any(re.search(rf"(^|[\s(]){re.escape(f)}\b", text.lower()) for f in _rich_quantity_forms(mo, q)), text
+        assert ans["city"] in text and re.search(rf"\b{re.escape(ans['color'])}\b", text.lower()), text
+        plural = {**mo.ITEMS, **mo.RICH_ITEMS}.get(ans["item"]) or _plural(mo, ans["item"])
+        assert re.search(rf"\b{re.escape(ans['item'] if q == 1 else plural)}\b", text.lower()), text
+
+
+def test_rich_recipe_mixes_its_parts(mo: ModuleType, rich_splits) -> None:
+    answers = [_answer(r) for r in rich_splits[0]]
+    rich = [a for a in answers if a["item"] in mo.RICH_ITEMS and a["color"] in mo.RICH_COLORS
+            and a["city"] in mo.RICH_CITIES]
+    assert len(rich) >= 180  # the 30% wide-pool rows (copy rows may draw from the pools too)
+    assert sum(" " in a["item"] for a in rich) > 40 and sum(a["quantity"] >= 1000 for a in answers) > 30
+    users = [_user(r) for r in rich_splits[0]]
+    assert any("dozen" in u for u in users) and any("pair of" in u for u in users)
+    assert sum(any(u.startswith(p.split("{")[0]) for p in mo.RICH_PREFIXES) for u in users) > 30
+
+
+def test_rich_copy_rows_never_make_up_both_item_and_colour(mo: ModuleType, rich_splits) -> None:
+    """Next to each other, two made-up words leave the colour/item boundary a guess: one side is always real."""
+    known_items = {*mo.ITEMS, *mo.RICH_ITEMS}
+    known_colors = {*mo.COLORS, *mo.RICH_COLORS}
+    made_up = [a for a in map(_answer, rich_splits[0]) if a["item"] not in known_items]
+    assert len(made_up) > 80
+    assert all(a["color"] in known_colors for a in made_up)
+    made_up_colours = [a for a in map(_answer, rich_splits[0]) if a["color"] not in known_colors]
+    assert len(made_up_colours) > 40 and all(a["item"] in known_items for a in made_up_colours)
+
+
+def test_replay_rows_make_up_their_share(mo: ModuleType, tmp_path: Path) -> None:
+    replay = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"a{i}"}]}
+              for i in range(50)]
+    path = tmp_path / "replay.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in replay))
+    train = mo.generate(0, 80, 10)[0]
+    mixed = mo.mix_in_replay(train, path, 0.2, seed=0)
+    assert len(mixed) == 100 and sum(r in replay for r in mixed) == 20
+    assert sorted(map(json.dumps, (r for r in mixed if r not in replay))) == sorted(map(json.dumps, train))
+    assert mixed == mo.mix_in_replay(train, path, 0.2, seed=0) and mixed != mo.mix_in_replay(train, path, 0.2, 1)
+    assert mo.mix_in_replay(train, path, 0.0, seed=0) == train
+    with pytest.raises(ValueError, match="50 rows, 320 needed"):
+        mo.mix_in_replay(train, path, 0.8, seed=0)
