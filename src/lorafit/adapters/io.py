@@ -1,7 +1,10 @@
 """Save / load adapters in PEFT's format: adapter_config.json + adapter_model.safetensors.
 
 Keys are `base_model.model.<module>.lora_A.weight` etc., exactly what PEFT writes, so an adapter
-saved here loads with `peft.PeftModel.from_pretrained` and one saved by PEFT loads here.
+saved here loads with `peft.PeftModel.from_pretrained` and one saved by PEFT loads here. Modules of
+modules_to_save are saved as `base_model.model.<module>.<param>` (their trained copy), trained token rows as
+`base_model.model.<module>.token_adapter.trainable_tokens_delta`; `saved_keys` is the one map from saved keys
+to the model's parameter names. A run that added tokens saves its tokenizer in the folder too.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from torch import nn
 
 from lorafit.adapters.init import initial_factors
 from lorafit.adapters.model import TARGETS_ATTR, adapter_config, attach, lora_layers
+from lorafit.adapters.modules_to_save import COPY_ATTR, modules_to_save
 from lorafit.adapters.targets import minimal_suffixes
+from lorafit.adapters.trainable_tokens import DELTA, SAVED_DELTA, token_layers
 from lorafit.config import AdapterConfig, ConfigError
 from lorafit.errors import UserError
 from lorafit.fileio import atomic_directory, write_json_atomic, write_safetensors
@@ -30,10 +35,10 @@ KEY_PREFIX = "base_model.model."
 
 # PEFT fields we cannot honour yet: loading an adapter that relies on them would silently give other outputs.
 _UNSUPPORTED_WHEN_SET = {
-    "modules_to_save": "extra fully-trained modules",
     "layers_to_transform": "layer selection by index",
     "lora_bias": "a bias on lora_B",
-    "trainable_token_indices": "trainable token embeddings",
+    "ensure_weight_tying": "one shared trained copy of tied embeddings and head (lorafit trains separate copies, "
+                           "PEFT's default)",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on raw parameters",
     "use_qalora": "QA-LoRA",
@@ -46,7 +51,8 @@ class AdapterFileError(UserError):
 
 
 def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path: str | None = None,
-                 convert_pissa: bool = True, parameters: Mapping[str, torch.Tensor] | None = None) -> Path:
+                 convert_pissa: bool = True, parameters: Mapping[str, torch.Tensor] | None = None,
+                 tokenizer: Any = None) -> Path:
     """Write the adapter of `model` to folder `path` atomically, in PEFT's layout.
 
     A PiSSA adapter is by default converted to a plain LoRA adapter of rank 2r that applies to the original,
@@ -54,7 +60,8 @@ def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path:
     init 'pissa' in the config, so loading (lorafit or PEFT) re-runs the SVD on the original base to rebuild the
     residual first; exact for 'pissa', while 'pissa_niter_K' depends on the randomised SVD's seed (lorafit seeds
     it, PEFT does not), so share converted adapters. `parameters` (parameter name -> full tensor) replaces the
-    model's own tensors: lorafit.distributed passes the adapter gathered from every rank's shards.
+    model's own tensors: lorafit.distributed passes the adapter gathered from every rank's shards. `tokenizer`
+    (a run that added tokens) is saved in the folder too, so the resized vocabulary travels with the adapter.
     """
     config = adapter_config(model)
     if config is None:
@@ -67,6 +74,8 @@ def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path:
     with atomic_directory(path) as tmp:
         write_safetensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
         write_json_atomic(tmp / CONFIG_NAME, peft_config)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return path
 
 
@@ -74,21 +83,37 @@ def adapter_state_dict(model: nn.Module, parameters: Mapping[str, torch.Tensor] 
     """The trainable adapter tensors under PEFT's saved key names (contiguous, unshared copies), read from the
     model or, when given, from `parameters` (parameter name -> tensor)."""
     source = parameters if parameters is not None else dict(model.named_parameters(remove_duplicate=False))
-    return {KEY_PREFIX + name: source[name].detach().contiguous().clone() for name in adapter_parameter_names(model)}
+    return {key: source[name].detach().contiguous().clone() for key, name in saved_keys(model).items()}
 
 
 def adapter_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the parameters an adapter file holds: LoRA A and B, DoRA magnitudes, and biases per config.bias."""
+    """Names of the parameters an adapter file holds (the values of saved_keys)."""
+    return list(saved_keys(model).values())
+
+
+def saved_keys(model: nn.Module) -> dict[str, str]:
+    """Saved key -> the model's parameter name of every tensor an adapter file holds: LoRA A and B, DoRA
+    magnitudes, biases per config.bias (same names), the trained copies of modules_to_save (`<module>.<param>`)
+    and the trained token rows (`<module>.token_adapter.trainable_tokens_delta`, once for tied layers)."""
     config = adapter_config(model)
     wanted = [".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"]
-    names = []
+    wrapped = [*modules_to_save(model), *token_layers(model)]
+    keys = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue
         is_bias = name.endswith(".bias") and (
             config.bias == "all" or (config.bias == "lora_only" and name.endswith(".base_layer.bias"))
         )
         if is_bias or any(name.endswith(w) for w in wanted):
-            names.append(name)
-    return names
+            keys[KEY_PREFIX + name] = name
+    for module_name, wrapper in modules_to_save(model).items():
+        for param_name, _ in getattr(wrapper, COPY_ATTR).named_parameters():
+            keys[f"{KEY_PREFIX}{module_name}.{param_name}"] = f"{module_name}.{COPY_ATTR}.{param_name}"
+    for module_name, layer in token_layers(model).items():
+        if layer.owns_delta:
+            keys[f"{KEY_PREFIX}{module_name}.{SAVED_DELTA}"] = f"{module_name}.{DELTA}"
+    return keys
 
 
 def pissa_as_lora(model: nn.Module, tensors: dict[str, torch.Tensor],
@@ -131,7 +156,8 @@ def to_peft_config(config: AdapterConfig, model: nn.Module, base_model_name_or_p
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
-        "modules_to_save": None,
+        "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
+        "trainable_token_indices": _plain(config.trainable_token_indices),
         "layers_to_transform": None,
         "layers_pattern": None,
         "lora_bias": False,
@@ -176,6 +202,8 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
             loftq_iter=(raw.get("loftq_config") or {}).get("loftq_iter", 1),
             rank_pattern=raw.get("rank_pattern") or {},
             alpha_pattern=raw.get("alpha_pattern") or {},
+            modules_to_save=raw.get("modules_to_save") or None,
+            trainable_token_indices=raw.get("trainable_token_indices") or None,
         )
     except ConfigError as err:
         raise AdapterFileError(f"{config_file}: {err}") from err
@@ -228,18 +256,17 @@ def _read_weights(weights_file: Path) -> dict[str, torch.Tensor]:
 
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_file: Path) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
-    expected = {n for n in params if ".lora_A." in n or ".lora_B." in n or n.endswith(".lora_magnitude_vector")}
+    keys = saved_keys(model)
+    expected = {n for n in keys.values() if n not in _bias_names(model)}  # biases: PEFT's files may omit them
     loaded = set()
     for key, tensor in tensors.items():
-        name = key.removeprefix(KEY_PREFIX)
-        name = _strip_adapter_name(name)
-        if name not in params:
-            if ".lora_" in name or "lora_magnitude_vector" in name:
-                raise AdapterFileError(
-                    f"{weights_file}: tensor {key!r} has no matching layer in this model; the adapter was trained on "
-                    "another architecture or with other target_modules."
-                )
-            continue  # e.g. full embedding copies PEFT may add; they carry no adapter update
+        name = keys.get(KEY_PREFIX + _strip_adapter_name(key.removeprefix(KEY_PREFIX)))
+        if name is None:
+            raise AdapterFileError(
+                f"{weights_file}: tensor {key!r} has no place in this model with this adapter_config.json (e.g. a "
+                "full embedding PEFT saved after resizing the vocabulary, or another architecture or target_modules); "
+                "load it on the base it was trained on, with the same modules_to_save / trainable_token_indices."
+            )
         param = params[name]
         if tuple(param.shape) != tuple(tensor.shape):
             raise AdapterFileError(
@@ -254,7 +281,19 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_fi
         raise AdapterFileError(f"{weights_file} lacks {len(missing)} adapter tensors, e.g. {missing[0]!r}; re-save the adapter.")
 
 
+def _bias_names(model: nn.Module) -> set[str]:
+    return {n for n in saved_keys(model).values() if n.endswith(".bias") and f".{COPY_ATTR}." not in n}
+
+
+def _plain(indices: Any) -> Any:
+    """trainable_token_indices as JSON data (lists, dicts of lists), or None."""
+    if indices is None:
+        return None
+    return {k: list(v) for k, v in indices.items()} if isinstance(indices, dict) else list(indices)
+
+
 def _strip_adapter_name(name: str) -> str:
     """PEFT keys carry no adapter name on disk, but accept in-memory style `lora_A.default.weight` too."""
     name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    name = name.replace(".modules_to_save.default.", ".").replace(f".{SAVED_DELTA}.default", f".{SAVED_DELTA}")
     return name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
