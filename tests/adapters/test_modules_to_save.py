@@ -12,7 +12,14 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import VOCAB, build_tiny, randomize_adapters, tiny_config
+from tiny_models import (
+    VOCAB,
+    build_tied_llama,
+    build_tiny,
+    perturb_trainable,
+    randomize_adapters,
+    tiny_config,
+)
 from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
 
 import lorafit
@@ -27,23 +34,7 @@ SAVED = {"llama": ["embed_tokens", "lm_head"], "llama_tied": ["embed_tokens", "l
 
 def build(kind: str):
     """A tiny model; llama_tied shares one weight between the input embeddings and the head."""
-    if kind != "llama_tied":
-        return build_tiny(kind)
-    config = tiny_config("llama")
-    config.tie_word_embeddings = True
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    return model
-
-
-def perturb_trainable(model, seed: int = 5, scale: float = 0.5) -> None:
-    """Move every trainable non-LoRA tensor (the copies) by noise, so that a lost copy would show in the logits."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad and "lora_" not in name:
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return build_tied_llama() if kind == "llama_tied" else build_tiny(kind)
 
 
 def input_ids() -> torch.Tensor:

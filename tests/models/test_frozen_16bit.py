@@ -17,7 +17,12 @@ from torch import nn
 import lorafit
 from lorafit import device
 from lorafit.models import frozen_16bit
-from lorafit.models.frozen_16bit import Frozen16bitEmbedding, Frozen16bitLinear, matmul_weight, matmul_weight_t
+from lorafit.models.frozen_16bit import (
+    Frozen16bitEmbedding,
+    Frozen16bitLinear,
+    matmul_weight,
+    matmul_weight_t,
+)
 from lorafit.train.loss import head_token_logprobs, target_loss_sum
 
 

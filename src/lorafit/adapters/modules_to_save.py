@@ -22,7 +22,11 @@ from torch import nn
 
 from lorafit.adapters.targets import describe_module_names, tied_embedding_names
 from lorafit.config import ConfigError, LorafitWarning
-from lorafit.models.frozen_16bit import Frozen16bitEmbedding, Frozen16bitLinear, trainable_dtype
+from lorafit.models.frozen_16bit import (
+    Frozen16bitEmbedding,
+    Frozen16bitLinear,
+    trainable_dtype,
+)
 from lorafit.quant.linear4bit import Linear4bit
 
 COPY_ATTR = "trained_copy"  # the wrapper's child that holds the trainable copy
