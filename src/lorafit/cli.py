@@ -351,12 +351,13 @@ def _forgetting(args: argparse.Namespace) -> int:
 
 
 def _load(model_name: str, adapter: str | None):
-    from lorafit.adapters.io import load_adapter
+    from lorafit.adapters.io import load_adapter, read_adapter_tokenizer
     from lorafit.models import load_model
 
     model, tokenizer = load_model(model_name)
     if adapter:
         load_adapter(model, adapter)
+        tokenizer = read_adapter_tokenizer(adapter) or tokenizer  # a run that added tokens saved its tokenizer
     return model, tokenizer
 
 

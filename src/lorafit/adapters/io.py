@@ -28,10 +28,12 @@ from lorafit.adapters.trainable_tokens import DELTA, SAVED_DELTA, token_layers
 from lorafit.config import AdapterConfig, ConfigError
 from lorafit.errors import UserError
 from lorafit.fileio import atomic_directory, write_json_atomic, write_safetensors
+from lorafit.models.vocabulary import resize_vocabulary
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 # PEFT fields we cannot honour yet: loading an adapter that relies on them would silently give other outputs.
 _UNSUPPORTED_WHEN_SET = {
@@ -210,16 +212,30 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
 
 
 def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False) -> nn.Module:
-    """Attach the adapter saved in folder `path` (by lorafit or PEFT) to a plain base model and load its weights."""
+    """Attach the adapter saved in folder `path` (by lorafit or PEFT) to a plain base model and load its weights.
+    A folder with a tokenizer (added tokens) first grows the model's embeddings to its vocabulary."""
     path = Path(path)
     config = read_adapter_config(path)
     tensors = _read_weights(path / WEIGHTS_NAME)
+    tokenizer = read_adapter_tokenizer(path)
+    if tokenizer is not None:  # a run that added tokens: the base grows to its vocabulary (placeholder rows)
+        resize_vocabulary(model, len(tokenizer))
     attach(model, config, warn_scale=False)
     _load_tensors(model, tensors, path / WEIGHTS_NAME)
     if not trainable:
         for param in model.parameters():
             param.requires_grad_(False)
     return model
+
+
+def read_adapter_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved beside the adapter (by a run with data.added_tokens), or None when the folder has none."""
+    path = Path(path)
+    if not (path / TOKENIZER_CONFIG).is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -258,14 +274,16 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_fi
     params = dict(model.named_parameters(remove_duplicate=False))
     keys = saved_keys(model)
     expected = {n for n in keys.values() if n not in _bias_names(model)}  # biases: PEFT's files may omit them
+    tables = {k: v for k, v in _resized_tables(model).items() if k not in keys}
     loaded = set()
     for key, tensor in tensors.items():
-        name = keys.get(KEY_PREFIX + _strip_adapter_name(key.removeprefix(KEY_PREFIX)))
+        key = KEY_PREFIX + _strip_adapter_name(key.removeprefix(KEY_PREFIX))
+        name = keys.get(key) or tables.get(key)
         if name is None:
             raise AdapterFileError(
-                f"{weights_file}: tensor {key!r} has no place in this model with this adapter_config.json (e.g. a "
-                "full embedding PEFT saved after resizing the vocabulary, or another architecture or target_modules); "
-                "load it on the base it was trained on, with the same modules_to_save / trainable_token_indices."
+                f"{weights_file}: tensor {key!r} has no place in this model with this adapter_config.json; the "
+                "adapter was trained on another architecture or with other target_modules / modules_to_save / "
+                "trainable_token_indices: load it on the base it was trained on."
             )
         param = params[name]
         if tuple(param.shape) != tuple(tensor.shape):
@@ -279,6 +297,21 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_fi
     missing = sorted(expected - loaded)
     if missing:
         raise AdapterFileError(f"{weights_file} lacks {len(missing)} adapter tensors, e.g. {missing[0]!r}; re-save the adapter.")
+
+
+def _resized_tables(model: nn.Module) -> dict[str, str]:
+    """Saved key -> parameter name of the whole embedding / head tables PEFT saves beside the adapter when the
+    vocabulary was resized (save_embedding_layers): `<module>.token_adapter.base_layer.weight` of a trained-rows
+    layer, else `<module>.weight`. Loading them sets the base's tables, as PEFT does; lorafit never writes them (its
+    new rows start at a deterministic placeholder and every one is trained: models/vocabulary.py)."""
+    tables = {f"{KEY_PREFIX}{name}.{SAVED_DELTA.rsplit('.', 1)[0]}.base_layer.weight": f"{name}.base_layer.weight"
+              for name in token_layers(model)}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()) if hasattr(
+            model, "get_input_embeddings") else ():
+        name = next((n for n, m in model.named_modules() if m is module and n), None)
+        if name and isinstance(module, (nn.Embedding, nn.Linear)):
+            tables[f"{KEY_PREFIX}{name}.weight"] = f"{name}.weight"
+    return tables
 
 
 def _bias_names(model: nn.Module) -> set[str]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.adapters.modules_to_save import modules_to_save_names
 from lorafit.adapters.targets import describe_module_names, tied_embedding_names
 from lorafit.config import AdapterConfig, ConfigError
 from lorafit.models.frozen_16bit import trainable_dtype
@@ -38,7 +39,8 @@ class TrainableTokensError(ConfigError):
 
 
 class TrainableTokens(nn.Module):
-    """An embedding or head whose rows `token_indices` are replaced by trainable rows (see the module docstring).
+    """An embedding or head whose rows `token_indices` are replaced by trainable rows (see the module docstring);
+    other attributes are the wrapped layer's.
 
     `tied_to`: the TrainableTokens of the embeddings this head shares its weight with; its delta is used (not owned,
     so it is neither a parameter here nor saved twice)."""
@@ -59,6 +61,13 @@ class TrainableTokens(nn.Module):
             slots = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
             slots[self.token_indices] = torch.arange(len(indices), device=weight.device)
             self.register_buffer("slots", slots, persistent=False)
+
+    def __getattr__(self, name: str):
+        """Attributes the wrapped layer has (in_features, num_embeddings, padding_idx, ...) read through."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_layer"), name)
 
     @property
     def delta(self) -> torch.Tensor:
@@ -197,3 +206,25 @@ def _check_layer(module: nn.Module, name: str, indices: list[int]) -> None:
         raise TrainableTokensError(f"trainable_token_indices for {name!r}: token id {bad[0]} is outside its vocabulary "
                                    f"of {rows} rows (ids 0..{rows - 1}); add new tokens with data.added_tokens so the "
                                    "embeddings are resized first.")
+
+
+def check_new_rows_trained(model: nn.Module, config: AdapterConfig, new_rows: range) -> None:
+    """Embedding rows created for added tokens start at a placeholder and exist only in the adapter: each table that
+    has them (the input embeddings, an untied head) must train them, by trainable_token_indices or modules_to_save;
+    else a TrainableTokensError says what to add. Call before attach, with token strings resolved."""
+    if not new_rows:
+        return
+    full = modules_to_save_names(model, config.modules_to_save or [])
+    covered = {name: set(ids) for name, ids, _ in plan_trainable_tokens(model, config, full)}
+    head = model.get_output_embeddings()
+    tables = [input_embeddings_name(model)] + [name for name, m in model.named_modules()
+                                                if m is head and name and name not in tied_embedding_names(model)]
+    for table in tables:
+        missing = [i for i in new_rows if i not in covered.get(table, set())]
+        if table not in full and missing:
+            leaf = table.rsplit(".", 1)[-1]
+            where = f"{{..., {leaf}: [...]}}" if table != input_embeddings_name(model) else "[...]"
+            raise TrainableTokensError(
+                f"data.added_tokens: rows {missing} of {table!r} are new (placeholders) and would be neither trained "
+                f"nor saved: list those tokens in adapter.trainable_token_indices {where}, or put {leaf!r} in "
+                "adapter.modules_to_save.")

@@ -29,6 +29,8 @@ from lorafit import distributed
 from lorafit.adapters.io import read_adapter_config
 from lorafit.adapters.model import parameter_report
 from lorafit.adapters.prepare import prepare_model, quantize_at_load
+from lorafit.adapters.trainable_tokens import check_new_rows_trained, resolve_token_strings
+from lorafit.config import AdapterConfig
 from lorafit.device import bf16_worthwhile, peak_memory_mib, reset_peak_memory, return_freed_host_memory
 from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, has_learning_curve
@@ -37,6 +39,7 @@ from lorafit.diagnose.model_shape import ModelShapeError
 from lorafit.errors import UserError
 from lorafit.finish import finish_run
 from lorafit.models import load_model
+from lorafit.models.vocabulary import add_tokens
 from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, to_dict
 from lorafit.run_dir import MetricsLog, RunDir
 from lorafit.train.checkpoint import (
@@ -134,12 +137,18 @@ def load_base_model(state: RunState) -> None:
                                                   double_quant=config.double_quant, device=distributed.context().device)
 
 
-def attach_adapter(model: nn.Module, config: RunConfig) -> None:
-    """Attach a fresh adapter (config.adapter) or a saved one (config.init_adapter, trainable) and print the report.
+def attach_adapter(model: nn.Module, config: RunConfig, tokenizer: Any) -> None:
+    """Add data.added_tokens to the tokenizer and the model's embeddings, attach a fresh adapter (config.adapter,
+    its token strings resolved) or a saved one (config.init_adapter, trainable) and print the report.
 
     With LoftQ, prepare_model quantises the block linears it does not adapt, then the init quantises the adapted ones.
     """
-    prepare_model(model, config.init_adapter or config.adapter, quantize=config.quantize,
+    adapter = config.init_adapter or config.adapter
+    new_rows = add_tokens(model, tokenizer, config.data.added_tokens) if config.data.added_tokens else range(0)
+    if isinstance(adapter, AdapterConfig):
+        adapter = resolve_token_strings(adapter, tokenizer.get_vocab())
+        check_new_rows_trained(model, adapter, new_rows)
+    prepare_model(model, adapter, quantize=config.quantize,
                   double_quant=config.double_quant, warn_scale=False)  # the config checks have said it already
     if config.init_adapter:
         distributed.print_main(f"adapter initialised from {config.init_adapter}")
@@ -276,7 +285,9 @@ def end_step(state: RunState, row: dict[str, Any], force_log: bool = False) -> N
 
 def save_final_adapter(state: RunState) -> None:
     """Write the trained adapter to OUTPUT/adapter (PEFT format): gathered from every rank, written by rank 0."""
-    distributed.save_adapter(state.wrapped, state.folder.adapter, base_model_name_or_path=state.config.model)
+    tokenizer = state.tokenizer if state.config.data.added_tokens else None  # the grown vocabulary travels along
+    distributed.save_adapter(state.wrapped, state.folder.adapter, base_model_name_or_path=state.config.model,
+                             tokenizer=tokenizer)
     distributed.print_main(f"adapter saved to {state.folder.adapter}")
 
 
