@@ -22,8 +22,10 @@ import lorafit
 from lorafit.adapters.trainable_tokens import (
     TrainableTokens,
     TrainableTokensError,
+    check_new_rows_trained,
     resolve_token_strings,
 )
+from lorafit.models.vocabulary import resize_vocabulary
 
 TOL = 1e-5  # fp32; the replaced logits are the same dot products as PEFT's F.linear with the patched weight
 CASES = {  # (model kind, trainable_token_indices)
@@ -158,3 +160,21 @@ def test_bad_inputs_name_the_field_and_the_fix():
                        warn_scale=False)
     with pytest.raises(lorafit.ConfigError, match="lists a token twice"):
         lorafit.AdapterConfig(trainable_token_indices=[1, 1])
+
+
+def test_rows_of_added_tokens_must_be_trained():
+    model = build("llama")
+    new_rows = resize_vocabulary(model, VOCAB + 2)
+    with pytest.raises(TrainableTokensError, match=r"rows \[96, 97\] of 'lm_head' are new .*adapter.trainable_token_indices "
+                                                   r"\{\.\.\., lm_head: \[\.\.\.\]\}, or put 'lm_head' in"):
+        check_new_rows_trained(model, lorafit.AdapterConfig(trainable_token_indices=[96, 97]), new_rows)
+    with pytest.raises(TrainableTokensError, match=r"rows \[97\] of 'model.embed_tokens' are new"):
+        check_new_rows_trained(model, lorafit.AdapterConfig(modules_to_save=["lm_head"], trainable_token_indices=[96]),
+                               new_rows)
+    check_new_rows_trained(model, lorafit.AdapterConfig(
+        trainable_token_indices={"embed_tokens": [96, 97], "lm_head": [96, 97]}), new_rows)
+    check_new_rows_trained(model, lorafit.AdapterConfig(modules_to_save=["embed_tokens", "lm_head"]), new_rows)
+    tied = build("llama_tied")
+    tied_rows = resize_vocabulary(tied, VOCAB + 2)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    check_new_rows_trained(tied, lorafit.AdapterConfig(trainable_token_indices=[96, 97]), tied_rows)  # head follows
