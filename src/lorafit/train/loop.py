@@ -34,7 +34,7 @@ from lorafit.config import AdapterConfig
 from lorafit.device import bf16_worthwhile, peak_memory_mib, reset_peak_memory, return_freed_host_memory
 from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, has_learning_curve
-from lorafit.diagnose.memory import estimate_memory
+from lorafit.diagnose.memory import estimate_memory, token_rows
 from lorafit.diagnose.model_shape import ModelShapeError
 from lorafit.errors import UserError
 from lorafit.finish import finish_run
@@ -244,9 +244,12 @@ def _one_process_bytes(config: RunConfig) -> int:
     """The memory estimator's total for this run on one process (lorafit.diagnose.memory)."""
     t = config.training
     precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[config.dtype]
+    rows, head_rows = token_rows(config.adapter.trainable_token_indices)
     estimate = estimate_memory(config.model, method="qlora" if config.quantize else "lora", r=config.adapter.r,
                                batch=t.micro_batch_size or t.batch_size, seq=config.data.max_seq_len,
-                               grad_checkpointing=t.gradient_checkpointing, precision=precision)
+                               grad_checkpointing=t.gradient_checkpointing, precision=precision,
+                               modules_to_save=config.adapter.modules_to_save, trainable_tokens=rows,
+                               trainable_head_tokens=head_rows)
     return int(estimate.total)
 
 
