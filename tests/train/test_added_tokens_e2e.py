@@ -4,6 +4,8 @@ saved after resizing (with its whole tables) loads in lorafit."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import perturb_trainable, randomize_adapters, save_tiny_chat_llama
@@ -49,6 +51,14 @@ def test_run_with_added_tokens_loads_in_lorafit_and_peft(tiny_run):
     assert set(embed_changed.nonzero().flatten().tolist()) <= set(tokenizer.convert_tokens_to_ids([*NEW, "{"]))
     head_changed = (merged.lm_head.weight != start.lm_head.weight).any(dim=1).nonzero().flatten().tolist()
     assert set(head_changed) <= set(new_ids)
+
+    # a run warm-started from that adapter inherits its tokens (same ids) and saves the tokenizer again
+    follow_up = dataclasses.replace(config, init_adapter=str(out / "adapter"), adapter=lorafit.AdapterConfig(),
+                                    data=dataclasses.replace(config.data, added_tokens=[]),
+                                    output_dir=str(tiny_run / "out_tokens_2"))
+    sft.train(follow_up)
+    again = AutoTokenizer.from_pretrained(tiny_run / "out_tokens_2" / "adapter")
+    assert again.convert_tokens_to_ids(NEW) == new_ids and len(again) == len(tokenizer)
 
 
 def test_peft_adapter_of_a_resized_model_loads_in_lorafit(tmp_path):

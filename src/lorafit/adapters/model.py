@@ -150,7 +150,7 @@ class ParameterReport:
 
     trainable: int
     total: int
-    per_kind: dict[str, tuple[int, int]]  # leaf name (q_proj, ...) -> (layers, adapter parameters)
+    per_kind: dict[str, tuple[int, int]]  # leaf name (q_proj, lm_head (full copy), ...) -> (layers, parameters)
 
     @property
     def percent(self) -> float:
@@ -159,9 +159,10 @@ class ParameterReport:
     def __str__(self) -> str:
         lines = [f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"]
         if self.per_kind:
-            lines.append(f"  {'layer kind':<16}{'layers':>8}{'adapter params':>18}")
+            width = max(16, *(len(kind) + 2 for kind in self.per_kind))
+            lines.append(f"  {'layer kind':<{width}}{'layers':>8}{'adapter params':>18}")
             for kind, (count, params) in sorted(self.per_kind.items()):
-                lines.append(f"  {kind:<16}{count:>8}{params:>18,}")
+                lines.append(f"  {kind:<{width}}{count:>8}{params:>18,}")
         return "\n".join(lines)
 
 
@@ -175,6 +176,11 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         entry[0] += 1
         entry[1] += sum(p.numel() for p in (layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector)
                         if p is not None)
+    for name, wrapper in modules_to_save(model).items():  # trained in full: one line per module
+        per_kind[f"{name.rsplit('.', 1)[-1]} (full copy)"] = [1, sum(p.numel() for p in wrapper.trained_copy.parameters())]
+    for name, layer in token_layers(model).items():
+        if layer.owns_delta:
+            per_kind[f"{name.rsplit('.', 1)[-1]} (token rows)"] = [1, layer.trainable_tokens_delta.numel()]
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
     return ParameterReport(
         trainable=sum(p.numel() for p in params if p.requires_grad),

@@ -27,7 +27,9 @@ def add_tokens(model: nn.Module, tokenizer: Any, tokens: list[str]) -> range:
     """Add `tokens` (those the tokenizer lacks) to `tokenizer`, resize the model to it; return the embedding rows
     the resize created (empty when the model already had rows for every id)."""
     vocab = tokenizer.get_vocab()
-    tokenizer.add_tokens([token for token in tokens if token not in vocab])
+    missing = [token for token in tokens if token not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing)
     return resize_vocabulary(model, len(tokenizer))
 
 

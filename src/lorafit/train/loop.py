@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorafit import distributed
-from lorafit.adapters.io import read_adapter_config
+from lorafit.adapters.io import read_adapter_config, read_adapter_tokenizer
 from lorafit.adapters.model import parameter_report
 from lorafit.adapters.prepare import prepare_model, quantize_at_load
 from lorafit.adapters.trainable_tokens import check_new_rows_trained, resolve_token_strings
@@ -144,7 +144,7 @@ def attach_adapter(model: nn.Module, config: RunConfig, tokenizer: Any) -> None:
     With LoftQ, prepare_model quantises the block linears it does not adapt, then the init quantises the adapted ones.
     """
     adapter = config.init_adapter or config.adapter
-    new_rows = add_tokens(model, tokenizer, config.data.added_tokens) if config.data.added_tokens else range(0)
+    new_rows = add_tokens(model, tokenizer, added_tokens(config, tokenizer))
     if isinstance(adapter, AdapterConfig):
         adapter = resolve_token_strings(adapter, tokenizer.get_vocab())
         check_new_rows_trained(model, adapter, new_rows)
@@ -157,6 +157,16 @@ def attach_adapter(model: nn.Module, config: RunConfig, tokenizer: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.training.compile:
         compile_blocks(model)
+
+
+def added_tokens(config: RunConfig, tokenizer: Any) -> list[str]:
+    """The tokens this run adds to the base tokenizer: data.added_tokens, after those an init_adapter's saved
+    tokenizer has beyond `tokenizer` (in id order, so they get the same ids again)."""
+    saved = read_adapter_tokenizer(config.init_adapter) if config.init_adapter else None
+    vocab = tokenizer.get_vocab()
+    inherited = [] if saved is None else [t for t, _ in sorted(saved.get_vocab().items(), key=lambda item: item[1])
+                                          if t not in vocab]
+    return inherited + [t for t in config.data.added_tokens if t not in inherited]
 
 
 def _adapter_init(config: RunConfig) -> str:
@@ -288,7 +298,8 @@ def end_step(state: RunState, row: dict[str, Any], force_log: bool = False) -> N
 
 def save_final_adapter(state: RunState) -> None:
     """Write the trained adapter to OUTPUT/adapter (PEFT format): gathered from every rank, written by rank 0."""
-    tokenizer = state.tokenizer if state.config.data.added_tokens else None  # the grown vocabulary travels along
+    grew = state.config.data.added_tokens or (state.config.init_adapter and read_adapter_tokenizer(state.config.init_adapter))
+    tokenizer = state.tokenizer if grew else None  # the grown vocabulary travels with the adapter
     distributed.save_adapter(state.wrapped, state.folder.adapter, base_model_name_or_path=state.config.model,
                              tokenizer=tokenizer)
     distributed.print_main(f"adapter saved to {state.folder.adapter}")
