@@ -104,6 +104,16 @@ def test_score_head_of_a_classifier_roundtrips_with_peft(tmp_path):
     print(f"score head lorafit->PEFT max logit diff {diff:.2e}")
     assert diff <= TOL
 
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                task_type="SEQ_CLS"))  # saves ['classifier', 'score']
+    randomize_adapters(peft_model)
+    perturb_trainable(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    reloaded = lorafit.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    diff = (reloaded(input_ids()).logits - peft_model.eval()(input_ids()).logits).abs().max().item()
+    print(f"score head PEFT (SEQ_CLS) -> lorafit max logit diff {diff:.2e}")
+    assert diff <= TOL
+
 
 def test_the_copy_trains_the_original_stays_and_disabling_gives_the_base(tmp_path):
     base = build("llama_tied")

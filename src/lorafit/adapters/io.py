@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from lorafit.adapters.init import initial_factors
 from lorafit.adapters.model import TARGETS_ATTR, adapter_config, attach, lora_layers
-from lorafit.adapters.modules_to_save import COPY_ATTR, modules_to_save
+from lorafit.adapters.modules_to_save import COPY_ATTR, modules_to_save, present_entries
 from lorafit.adapters.targets import minimal_suffixes
 from lorafit.adapters.trainable_tokens import DELTA, SAVED_DELTA, token_layers
 from lorafit.config import AdapterConfig, ConfigError
@@ -220,6 +221,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False)
     tokenizer = read_adapter_tokenizer(path)
     if tokenizer is not None:  # a run that added tokens: the base grows to its vocabulary (placeholder rows)
         resize_vocabulary(model, len(tokenizer))
+    config = replace(config, modules_to_save=present_entries(model, config.modules_to_save))
     attach(model, config, warn_scale=False)
     _load_tensors(model, tensors, path / WEIGHTS_NAME)
     if not trainable:

@@ -14,6 +14,7 @@ from torch import nn
 from lorafit.adapters.init import initialize, original_base, restore_pissa_base
 from lorafit.adapters.lora import LoraLinear
 from lorafit.adapters.modules_to_save import (
+    ModuleToSave,
     modules_to_save,
     modules_to_save_names,
     unwrap_modules_to_save,
@@ -21,6 +22,7 @@ from lorafit.adapters.modules_to_save import (
 )
 from lorafit.adapters.targets import TargetError, describe_linear_layers, select_targets
 from lorafit.adapters.trainable_tokens import (
+    TrainableTokens,
     plan_trainable_tokens,
     token_layers,
     unwrap_trainable_tokens,
@@ -211,9 +213,9 @@ def _unwrap(model: nn.Module, merge_first: bool, dtype: torch.dtype | None = Non
 
 def _base_of(module: nn.Module | None) -> nn.Module | None:
     """The frozen base module behind a modules_to_save or trainable-tokens wrapper (the module itself otherwise)."""
-    if module is None:
-        return None
-    return getattr(module, "original_module", None) or getattr(module, "base_layer", None) or module
+    if isinstance(module, ModuleToSave):
+        return module.original_module
+    return module.base_layer if isinstance(module, TrainableTokens) else module
 
 
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:

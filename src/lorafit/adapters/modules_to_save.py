@@ -96,6 +96,14 @@ def modules_to_save_names(model: nn.Module, entries: Iterable[str]) -> list[str]
     return chosen
 
 
+def present_entries(model: nn.Module, entries: list[str] | None) -> list[str] | None:
+    """The entries of a saved config's modules_to_save that match a module of `model` (None if none): PEFT skips the
+    others when it loads (its SEQ_CLS adapters list both 'classifier' and 'score', whichever the model has)."""
+    names = [name for name, _ in model.named_modules() if name]
+    present = [entry for entry in entries or [] if any(name.endswith(entry) for name in names)]
+    return present or None
+
+
 def wrap_modules_to_save(model: nn.Module, names: list[str]) -> None:
     """Replace each named module by a ModuleToSave (frozen original + trainable copy); warn as PEFT does when a
     tied embedding or head is among them (the copies train apart)."""
