@@ -228,3 +228,36 @@ def test_merge_of_a_qlora_model_returns_the_checkpoints_16bit_dtype(tmp_path):
     assert type(merged.get_output_embeddings()) is nn.Linear
     kept_fp32 = lorafit.merge_and_unload(model, dtype=torch.float32)
     assert kept_fp32.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_trainable_token_rows_are_fp32_beside_the_frozen_16bit_tables(tmp_path, tie):
+    """QLoRA of a bf16 checkpoint with trainable_token_indices (dict form: the untied head's rows too): fp32 rows
+    starting at the exact upcasts, gradients equal to an fp32 model's, the bf16 tables bit-identical after a step."""
+    _, folder = bf16_checkpoint(tmp_path, tie)
+    model, _ = lorafit.load_model(str(folder), device="cpu", quantize="nf4")
+    reference = fp32_copy(model)
+    tables = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+    config = lorafit.AdapterConfig(r=4, alpha=8, trainable_token_indices={"embed_tokens": [3, 9, 41],
+                                                                          "lm_head": [3, 9, 41]})
+    for m in (model, reference):
+        torch.manual_seed(0)
+        lorafit.attach(m, config, warn_scale=False)
+        randomize_adapters(m)
+    rows = model.model.embed_tokens.trainable_tokens_delta
+    assert rows.dtype == torch.float32 and torch.equal(rows, tables["model.embed_tokens.weight"][[3, 9, 41]].float())
+    assert model.lm_head.owns_delta != tie  # tied: the head follows the embedding's rows
+    x = torch.cat([torch.tensor([[3, 9, 41, 3]]), ids()[:1, :7]], dim=1)
+    batch = {"input_ids": x, "targets": torch.roll(x, -1, dims=1)}
+    losses = [target_loss_sum(m, batch) for m in (model, reference)]
+    for loss in losses:
+        loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref_grads.keys() and "model.embed_tokens.trainable_tokens_delta" in grads
+    for name, grad in grads.items():
+        assert_close_at_scale(grad, ref_grads[name])
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    after = {n: p for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+    assert {n.replace(".base_layer", "") for n in after} == set(tables)
+    assert all(torch.equal(p, tables[n.replace(".base_layer", "")]) for n, p in after.items())
