@@ -139,3 +139,15 @@ def test_evaluation_sets_and_neftune_errors(tmp_path, overrides, needle):
     with pytest.raises(ConfigError) as err:
         load_run_config(write(tmp_path), overrides)
     assert needle in str(err.value) and "run.yaml" in str(err.value)
+
+
+def test_added_tokens_must_be_distinct_strings(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndata: {train: t.jsonl, added_tokens: ['<a>', '<a>']}\n")
+    with pytest.raises(ConfigError, match=r"data.added_tokens=\['<a>', '<a>'\]: use a list of distinct"):
+        load_run_config(path)
+    path.write_text("model: m\ndata: {train: t.jsonl, added_tokens: ['<a>']}\n"
+                    "adapter: {trainable_token_indices: {embed_tokens: ['<a>', 5]}, modules_to_save: [lm_head]}\n")
+    config = load_run_config(path)
+    assert config.data.added_tokens == ["<a>"] and config.adapter.modules_to_save == ["lm_head"]
+    assert config.adapter.trainable_token_indices == {"embed_tokens": ["<a>", 5]}

@@ -42,6 +42,26 @@ def build_tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
+def build_tied_llama(seed: int = 0):
+    """The tiny Llama with one weight shared by the input embeddings and the head (tie_word_embeddings)."""
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def perturb_trainable(model, seed: int = 5, scale: float = 0.5) -> None:
+    """Move every trainable tensor that is no LoRA factor (modules_to_save copies, trained token rows) by noise, so
+    that a lost or misplaced one shows in the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_" not in name:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
 def randomize_adapters(model, seed: int = 3, scale: float = 0.1) -> None:
     """Give every lora_B (and the biases when trained) random values, and scale DoRA magnitudes by 1 + N(0, scale),
     so that comparisons are not trivial."""

@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--optimizer", choices=("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"), default="adamw")
     memory.add_argument("--gpus", type=int, default=1, help="processes (GPUs) the run uses; the estimate is per process")
     memory.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="ddp replicates, fsdp shards N ways")
+    memory.add_argument("--modules-to-save", nargs="+", default=None, metavar="NAME",
+                        help="modules trained in full (adapter.modules_to_save), e.g. embed_tokens lm_head")
+    memory.add_argument("--trainable-tokens", type=int, default=0, metavar="ROWS",
+                        help="rows of the input embeddings trained (adapter.trainable_token_indices)")
+    memory.add_argument("--trainable-head-tokens", type=int, default=0, metavar="ROWS",
+                        help="rows of an untied output head trained on their own")
     memory.set_defaults(handler=_estimate_memory)
 
     evaluate = commands.add_parser("eval", help="score a model (and adapter) on a chat eval set",
@@ -251,7 +257,9 @@ def _estimate_memory(args: argparse.Namespace) -> int:
 
     estimate = estimate_memory(args.model, method=args.method, r=args.r, batch=args.batch, seq=args.seq,
                                grad_checkpointing=args.grad_checkpointing, precision=args.precision,
-                               optimizer=args.optimizer, gpus=args.gpus, strategy=args.strategy)
+                               optimizer=args.optimizer, gpus=args.gpus, strategy=args.strategy,
+                               modules_to_save=args.modules_to_save, trainable_tokens=args.trainable_tokens,
+                               trainable_head_tokens=args.trainable_head_tokens)
     print(estimate.to_text())
     return 0
 
@@ -351,12 +359,13 @@ def _forgetting(args: argparse.Namespace) -> int:
 
 
 def _load(model_name: str, adapter: str | None):
-    from lorafit.adapters.io import load_adapter
+    from lorafit.adapters.io import load_adapter, read_adapter_tokenizer
     from lorafit.models import load_model
 
     model, tokenizer = load_model(model_name)
     if adapter:
         load_adapter(model, adapter)
+        tokenizer = read_adapter_tokenizer(adapter) or tokenizer  # a run that added tokens saved its tokenizer
     return model, tokenizer
 
 

@@ -50,6 +50,11 @@ class AdapterConfig:
     target_modules: "all-linear" (every linear layer but the output head), "attention", "mlp",
     a list of module-name suffixes, or a regex matched against the full module name.
     rank_pattern / alpha_pattern map a module-name regex to its own r / alpha (PEFT semantics).
+    modules_to_save: modules trained in full beside the adapter (a trainable copy; PEFT's matching: a module whose
+    name ends with an entry), e.g. ["embed_tokens", "lm_head"] (adapters/modules_to_save.py).
+    trainable_token_indices: rows of the input embedding trained as replacement rows, a list of token ids (or, in a
+    run file, token strings), or a dict module name -> list for other/more embeddings and an untied head
+    (adapters/trainable_tokens.py).
     """
 
     r: int = 16
@@ -68,6 +73,8 @@ class AdapterConfig:
     loftq_iter: int = 1  # alternations of NF4 quantisation and SVD for init="loftq"
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    trainable_token_indices: list[int | str] | dict[str, list[int | str]] | None = None
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -96,6 +103,17 @@ class AdapterConfig:
             _check_rank(f"rank_pattern[{pattern!r}]", rank)
         for pattern, alpha in self.alpha_pattern.items():
             _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
+        if self.modules_to_save is not None:
+            _check_module_list(self.modules_to_save)
+        if self.trainable_token_indices is not None:
+            _check_token_indices(self.trainable_token_indices, self.modules_to_save or [])
+
+    def token_indices_by_module(self, input_embeddings: str) -> dict[str, list[int | str]]:
+        """trainable_token_indices as PEFT reads it: a list is for the input embeddings (their module name given)."""
+        indices = self.trainable_token_indices
+        if indices is None:
+            return {}
+        return dict(indices) if isinstance(indices, dict) else {input_embeddings: list(indices)}
 
     @property
     def pissa_niter(self) -> int | None:
@@ -217,3 +235,36 @@ def _check_targets(name: str, value: Any) -> None:
     raise ConfigError(
         f"{name}={value!r} is invalid: use 'all-linear', 'attention', 'mlp', a non-empty list of module names, or a regex string."
     )
+
+
+def _check_module_list(value: Any) -> None:
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"modules_to_save={value!r} is invalid: use a non-empty list of module names, "
+                          "e.g. [embed_tokens, lm_head] (or null for none).")
+
+
+def _check_token_list(where: str, value: Any) -> None:
+    ok = isinstance(value, (list, tuple)) and value and all(
+        (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (isinstance(v, str) and v) for v in value)
+    if not ok:
+        raise ConfigError(f"{where}={value!r} is invalid: use a non-empty list of token ids (integers >= 0) or "
+                          "token strings, e.g. [128002, '<tool_call>'].")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}={value!r} lists a token twice: list each token once.")
+
+
+def _check_token_indices(value: Any, modules_to_save: list[str]) -> None:
+    if isinstance(value, dict):
+        if not value:
+            raise ConfigError("trainable_token_indices={} is empty: map a module name to token ids, "
+                              "e.g. {embed_tokens: [128002]}, or use null.")
+        for module, tokens in value.items():
+            if not isinstance(module, str) or not module:
+                raise ConfigError(f"trainable_token_indices key {module!r} must be a module name such as embed_tokens.")
+            _check_token_list(f"trainable_token_indices[{module!r}]", tokens)
+            if module in modules_to_save:  # PEFT's rule: a module is trained in full or by rows, not both
+                raise ConfigError(f"trainable_token_indices[{module!r}] and modules_to_save both name {module!r}: "
+                                  "a module is trained either in full (modules_to_save) or by rows, not both; "
+                                  "remove it from one of them.")
+        return
+    _check_token_list("trainable_token_indices", value)

@@ -37,6 +37,7 @@ class DataConfig:
     max_seq_len: int = 1024
     packing: bool = True
     assistant_only: bool = True
+    added_tokens: list[str] = field(default_factory=list)  # new tokens: tokenizer + embeddings grow (models/vocabulary.py)
 
 
 @dataclass
@@ -243,6 +244,10 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"dtype={config.dtype!r}: use float32, bfloat16 or float16.")
     if not config.data.train:
         raise ConfigError("data.train is required: a .jsonl, .json or .csv file of examples.")
+    added = config.data.added_tokens
+    if not all(isinstance(token, str) and token for token in added) or len(set(added)) != len(added):
+        raise ConfigError(f"data.added_tokens={added!r}: use a list of distinct, non-empty token strings, "
+                          "e.g. ['<tool_call>', '</tool_call>'].")
     t = config.training
     positive = {"training.batch_size": t.batch_size, "training.lr": t.lr, "data.max_seq_len": config.data.max_seq_len,
                 "training.log_every": t.log_every, "training.keep_checkpoints": t.keep_checkpoints}

@@ -64,7 +64,7 @@ def test_missing_tensor(tmp_path):
         lorafit.load_adapter(build_tiny("llama"), path)
 
 
-@pytest.mark.parametrize(("field", "value"), [("peft_type", "IA3"), ("modules_to_save", ["lm_head"]), ("r", 0)])
+@pytest.mark.parametrize(("field", "value"), [("peft_type", "IA3"), ("layers_to_transform", [0]), ("ensure_weight_tying", True), ("r", 0)])
 def test_unsupported_or_invalid_config(tmp_path, field, value):
     path = saved_adapter(tmp_path)
     config = json.loads((path / "adapter_config.json").read_text())

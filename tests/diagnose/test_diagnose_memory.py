@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ from lorafit.diagnose.memory import (
     lorafit_head_bytes,
     nf4_bytes,
     optimizer_state_bytes,
+    token_rows,
 )
 from lorafit.diagnose.model_shape import (
     LLAMA_3_8B,
@@ -211,6 +213,32 @@ def test_adapter_parameters_match_attach(targets, tmp_path):
     estimate = estimate_memory(shape, r=4, targets=targets)
     assert estimate.settings["trainable_parameters"] == trained
     assert estimate.adapters == estimate.gradients == 4 * trained  # fp32 adapters and their gradients
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(("saved", "tokens"), [(["embed_tokens", "lm_head"], None), (["lm_head"], [1, 5, 9]),
+                                               (None, [1, 5, 9]), (None, {"embed_tokens": [1, 2], "lm_head": [3]})])
+def test_modules_to_save_and_token_rows_match_attach(tied, saved, tokens, tmp_path):
+    """The trained copies and rows count as attach makes them (fp32 here: the model dtype), with their gradients and
+    AdamW moments; a trained head (a copy, or rows of a tied or listed head) takes the stock loss's logits."""
+    model = tiny_model("llama", tied=tied)
+    shape = shape_of(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lorafit.LorafitWarning)  # a tied pair's copies train apart
+        lorafit.attach(model, lorafit.AdapterConfig(r=4, alpha=8, modules_to_save=saved,
+                                                    trainable_token_indices=tokens), warn_scale=False)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows, head_rows = token_rows(tokens)
+    estimate = estimate_memory(shape, r=4, modules_to_save=saved, trainable_tokens=rows, trainable_head_tokens=head_rows)
+    lora = estimate_memory(shape, r=4)
+    extra = trained - lora.settings["trainable_parameters"]
+    assert estimate.settings["trainable_parameters"] == trained and extra > 0
+    assert (estimate.adapters - lora.adapters, estimate.gradients - lora.gradients) == (4 * extra, 4 * extra)
+    assert estimate.optimizer - lora.optimizer == 8 * extra
+    head_trained = "lm_head" in (saved or []) or head_rows > 0 or (tied and rows > 0)
+    assert estimate.logits == (estimate.logits_hf if head_trained else lora.logits)
+    with pytest.raises(ConfigError, match="modules_to_save entry 'norm': the memory estimate counts"):
+        estimate_memory(shape, modules_to_save=["norm"])
 
 
 # ---------------------------------------------------------------------------------------------- activations vs autograd

@@ -84,6 +84,8 @@ def test_the_model_and_its_adapter_are_unchanged_by_the_adapter_export(tmp_path)
     (AdapterConfig(r=4, alpha=8, init="pissa"), "PiSSA adapter is in residual form"),
     (AdapterConfig(r=4, alpha=8, init="loftq"), "LoftQ adapter corrects the NF4-quantised base"),
     (AdapterConfig(r=4, alpha=8, bias="all"), "also trains biases"),
+    (AdapterConfig(r=4, alpha=8, modules_to_save=["lm_head"]), r"whole modules or token rows \(modules_to_save\)"),
+    (AdapterConfig(r=4, alpha=8, trainable_token_indices=[3]), r"token rows \(trainable_token_indices\)"),
 ])
 def test_adapters_llama_cpp_cannot_express_are_refused_with_the_merged_export_suggested(config, message, tmp_path):
     model = adapted(tiny_model("llama"), config)

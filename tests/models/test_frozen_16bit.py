@@ -6,6 +6,7 @@ References: the same model with those two tensors upcast to fp32 copies in plain
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -16,7 +17,12 @@ from torch import nn
 import lorafit
 from lorafit import device
 from lorafit.models import frozen_16bit
-from lorafit.models.frozen_16bit import Frozen16bitEmbedding, Frozen16bitLinear, matmul_weight, matmul_weight_t
+from lorafit.models.frozen_16bit import (
+    Frozen16bitEmbedding,
+    Frozen16bitLinear,
+    matmul_weight,
+    matmul_weight_t,
+)
 from lorafit.train.loss import head_token_logprobs, target_loss_sum
 
 
@@ -165,3 +171,93 @@ def test_training_a_kept_weight_is_refused():
     embedding.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="modules_to_save"):
         embedding(torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_modules_to_save_train_fp32_copies_beside_the_frozen_16bit_originals(tmp_path, tie):
+    """QLoRA of a bf16 checkpoint with modules_to_save: fp32 trainable copies holding the exact upcasts, the bf16
+    originals frozen (the disabled adapter), gradients equal to an fp32 model's, and merge_and_unload returns the
+    checkpoint's bf16 (fp32 on request, then with the trained logits)."""
+    _, folder = bf16_checkpoint(tmp_path, tie)
+    model, _ = lorafit.load_model(str(folder), device="cpu", quantize="nf4")
+    reference = fp32_copy(model)
+    base_logits = model(ids()).logits
+    config = lorafit.AdapterConfig(r=4, alpha=8, modules_to_save=["embed_tokens", "lm_head"])
+    for m in (model, reference):
+        torch.manual_seed(0)
+        with pytest.warns(lorafit.LorafitWarning) if tie else contextlib.nullcontext():
+            lorafit.attach(m, config, warn_scale=False)
+        randomize_adapters(m)
+    for name in ("model.embed_tokens", "lm_head"):
+        wrapper = model.get_submodule(name)
+        assert type(wrapper.original_module) in (Frozen16bitEmbedding, Frozen16bitLinear)
+        assert wrapper.original_module.weight.dtype == torch.bfloat16 and not wrapper.original_module.weight.requires_grad
+        assert wrapper.trained_copy.weight.dtype == torch.float32 and wrapper.trained_copy.weight.requires_grad
+        assert torch.equal(wrapper.trained_copy.weight, wrapper.original_module.weight.float())
+    x = ids()
+    batch = {"input_ids": x, "targets": torch.roll(x, -1, dims=1)}
+    losses = [target_loss_sum(m, batch) for m in (model, reference)]
+    for loss in losses:
+        loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref_grads.keys() and "lm_head.trained_copy.weight" in grads
+    for name, grad in grads.items():
+        assert_close_at_scale(grad, ref_grads[name])
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(torch.randn_like(p) * 0.05)
+        trained = model(x).logits
+        with lorafit.adapters_disabled(model):
+            torch.testing.assert_close(model(x).logits, base_logits, rtol=0, atol=0)
+        as_fp32 = lorafit.merge_and_unload(copy.deepcopy(model), dtype=torch.float32)
+        assert (as_fp32(x).logits - trained).abs().max() <= 1e-5
+        merged = lorafit.merge_and_unload(model)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}  # the checkpoint's dtype, one coherent model
+    assert type(merged.get_input_embeddings()) is nn.Embedding
+    diff = (merged(x).logits.float() - trained).abs().max().item()
+    assert diff <= 0.05 * trained.abs().max().item()  # bf16 weights and bf16 compute: ~2^-8 relative per op
+
+
+def test_merge_of_a_qlora_model_returns_the_checkpoints_16bit_dtype(tmp_path):
+    _, folder = bf16_checkpoint(tmp_path, tie=False)
+    model, _ = lorafit.load_model(str(folder), device="cpu", quantize="nf4")
+    lorafit.attach(model, lorafit.AdapterConfig(r=4, alpha=8), warn_scale=False)
+    merged = lorafit.merge_and_unload(copy.deepcopy(model))
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    assert type(merged.get_output_embeddings()) is nn.Linear
+    kept_fp32 = lorafit.merge_and_unload(model, dtype=torch.float32)
+    assert kept_fp32.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_trainable_token_rows_are_fp32_beside_the_frozen_16bit_tables(tmp_path, tie):
+    """QLoRA of a bf16 checkpoint with trainable_token_indices (dict form: the untied head's rows too): fp32 rows
+    starting at the exact upcasts, gradients equal to an fp32 model's, the bf16 tables bit-identical after a step."""
+    _, folder = bf16_checkpoint(tmp_path, tie)
+    model, _ = lorafit.load_model(str(folder), device="cpu", quantize="nf4")
+    reference = fp32_copy(model)
+    tables = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+    config = lorafit.AdapterConfig(r=4, alpha=8, trainable_token_indices={"embed_tokens": [3, 9, 41],
+                                                                          "lm_head": [3, 9, 41]})
+    for m in (model, reference):
+        torch.manual_seed(0)
+        lorafit.attach(m, config, warn_scale=False)
+        randomize_adapters(m)
+    rows = model.model.embed_tokens.trainable_tokens_delta
+    assert rows.dtype == torch.float32 and torch.equal(rows, tables["model.embed_tokens.weight"][[3, 9, 41]].float())
+    assert model.lm_head.owns_delta != tie  # tied: the head follows the embedding's rows
+    x = torch.cat([torch.tensor([[3, 9, 41, 3]]), ids()[:1, :7]], dim=1)
+    batch = {"input_ids": x, "targets": torch.roll(x, -1, dims=1)}
+    losses = [target_loss_sum(m, batch) for m in (model, reference)]
+    for loss in losses:
+        loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref_grads.keys() and "model.embed_tokens.trainable_tokens_delta" in grads
+    for name, grad in grads.items():
+        assert_close_at_scale(grad, ref_grads[name])
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    after = {n: p for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+    assert {n.replace(".base_layer", "") for n in after} == set(tables)
+    assert all(torch.equal(p, tables[n.replace(".base_layer", "")]) for n, p in after.items())

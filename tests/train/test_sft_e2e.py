@@ -38,9 +38,15 @@ def test_train_writes_adapter_metrics_checkpoints_and_summary(tiny_run):
     assert any(layer.lora_B.weight.abs().sum() > 0 for layer in lorafit.adapters.model.lora_layers(adapted).values())
 
 
+TOKENS = ["data.added_tokens=['<tool_call>']",  # untied head: its new row must be trained too
+          "adapter.trainable_token_indices={embed_tokens: ['<tool_call>', '{', '}'], lm_head: ['<tool_call>', '{']}"]
+
+
 @pytest.mark.parametrize("variant", [[], ["adapter.use_dora=true", "adapter.init=pissa_niter_2"],
-                                     ["training.optimizer=adamw_8bit", "adapter.r=128"]],
-                         ids=["lora", "dora-pissa", "adamw_8bit"])  # r 128: A and most B reach bnb's 4096-element 8-bit floor
+                                     ["training.optimizer=adamw_8bit", "adapter.r=128"],
+                                     ["adapter.modules_to_save=[lm_head]"], TOKENS],
+                         ids=["lora", "dora-pissa", "adamw_8bit", "modules_to_save", "added-tokens"])
+# r 128: A and most B reach bnb's 4096-element 8-bit floor
 def test_resume_reproduces_the_uninterrupted_losses(tiny_run, monkeypatch, variant, request):
     name = request.node.callspec.id  # one folder pair per variant: a used output_dir is refused
     full = tiny_run / f"out_a-{name}"

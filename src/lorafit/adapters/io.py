@@ -1,7 +1,10 @@
 """Save / load adapters in PEFT's format: adapter_config.json + adapter_model.safetensors.
 
 Keys are `base_model.model.<module>.lora_A.weight` etc., exactly what PEFT writes, so an adapter
-saved here loads with `peft.PeftModel.from_pretrained` and one saved by PEFT loads here.
+saved here loads with `peft.PeftModel.from_pretrained` and one saved by PEFT loads here. Modules of
+modules_to_save are saved as `base_model.model.<module>.<param>` (their trained copy), trained token rows as
+`base_model.model.<module>.token_adapter.trainable_tokens_delta`; `saved_keys` is the one map from saved keys
+to the model's parameter names. A run that added tokens saves its tokenizer in the folder too.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +23,25 @@ from torch import nn
 
 from lorafit.adapters.init import initial_factors
 from lorafit.adapters.model import TARGETS_ATTR, adapter_config, attach, lora_layers
+from lorafit.adapters.modules_to_save import COPY_ATTR, modules_to_save, present_entries
 from lorafit.adapters.targets import minimal_suffixes
+from lorafit.adapters.trainable_tokens import DELTA, SAVED_DELTA, token_layers
 from lorafit.config import AdapterConfig, ConfigError
 from lorafit.errors import UserError
 from lorafit.fileio import atomic_directory, write_json_atomic, write_safetensors
+from lorafit.models.vocabulary import resize_vocabulary
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 # PEFT fields we cannot honour yet: loading an adapter that relies on them would silently give other outputs.
 _UNSUPPORTED_WHEN_SET = {
-    "modules_to_save": "extra fully-trained modules",
     "layers_to_transform": "layer selection by index",
     "lora_bias": "a bias on lora_B",
-    "trainable_token_indices": "trainable token embeddings",
+    "ensure_weight_tying": "one shared trained copy of tied embeddings and head (lorafit trains separate copies, "
+                           "PEFT's default)",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on raw parameters",
     "use_qalora": "QA-LoRA",
@@ -46,7 +54,8 @@ class AdapterFileError(UserError):
 
 
 def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path: str | None = None,
-                 convert_pissa: bool = True, parameters: Mapping[str, torch.Tensor] | None = None) -> Path:
+                 convert_pissa: bool = True, parameters: Mapping[str, torch.Tensor] | None = None,
+                 tokenizer: Any = None) -> Path:
     """Write the adapter of `model` to folder `path` atomically, in PEFT's layout.
 
     A PiSSA adapter is by default converted to a plain LoRA adapter of rank 2r that applies to the original,
@@ -54,7 +63,8 @@ def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path:
     init 'pissa' in the config, so loading (lorafit or PEFT) re-runs the SVD on the original base to rebuild the
     residual first; exact for 'pissa', while 'pissa_niter_K' depends on the randomised SVD's seed (lorafit seeds
     it, PEFT does not), so share converted adapters. `parameters` (parameter name -> full tensor) replaces the
-    model's own tensors: lorafit.distributed passes the adapter gathered from every rank's shards.
+    model's own tensors: lorafit.distributed passes the adapter gathered from every rank's shards. `tokenizer`
+    (a run that added tokens) is saved in the folder too, so the resized vocabulary travels with the adapter.
     """
     config = adapter_config(model)
     if config is None:
@@ -67,6 +77,8 @@ def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path:
     with atomic_directory(path) as tmp:
         write_safetensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
         write_json_atomic(tmp / CONFIG_NAME, peft_config)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return path
 
 
@@ -74,21 +86,37 @@ def adapter_state_dict(model: nn.Module, parameters: Mapping[str, torch.Tensor] 
     """The trainable adapter tensors under PEFT's saved key names (contiguous, unshared copies), read from the
     model or, when given, from `parameters` (parameter name -> tensor)."""
     source = parameters if parameters is not None else dict(model.named_parameters(remove_duplicate=False))
-    return {KEY_PREFIX + name: source[name].detach().contiguous().clone() for name in adapter_parameter_names(model)}
+    return {key: source[name].detach().contiguous().clone() for key, name in saved_keys(model).items()}
 
 
 def adapter_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the parameters an adapter file holds: LoRA A and B, DoRA magnitudes, and biases per config.bias."""
+    """Names of the parameters an adapter file holds (the values of saved_keys)."""
+    return list(saved_keys(model).values())
+
+
+def saved_keys(model: nn.Module) -> dict[str, str]:
+    """Saved key -> the model's parameter name of every tensor an adapter file holds: LoRA A and B, DoRA
+    magnitudes, biases per config.bias (same names), the trained copies of modules_to_save (`<module>.<param>`)
+    and the trained token rows (`<module>.token_adapter.trainable_tokens_delta`, once for tied layers)."""
     config = adapter_config(model)
     wanted = [".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"]
-    names = []
+    wrapped = [*modules_to_save(model), *token_layers(model)]
+    keys = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue
         is_bias = name.endswith(".bias") and (
             config.bias == "all" or (config.bias == "lora_only" and name.endswith(".base_layer.bias"))
         )
         if is_bias or any(name.endswith(w) for w in wanted):
-            names.append(name)
-    return names
+            keys[KEY_PREFIX + name] = name
+    for module_name, wrapper in modules_to_save(model).items():
+        for param_name, _ in getattr(wrapper, COPY_ATTR).named_parameters():
+            keys[f"{KEY_PREFIX}{module_name}.{param_name}"] = f"{module_name}.{COPY_ATTR}.{param_name}"
+    for module_name, layer in token_layers(model).items():
+        if layer.owns_delta:
+            keys[f"{KEY_PREFIX}{module_name}.{SAVED_DELTA}"] = f"{module_name}.{DELTA}"
+    return keys
 
 
 def pissa_as_lora(model: nn.Module, tensors: dict[str, torch.Tensor],
@@ -131,7 +159,8 @@ def to_peft_config(config: AdapterConfig, model: nn.Module, base_model_name_or_p
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
-        "modules_to_save": None,
+        "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
+        "trainable_token_indices": _plain(config.trainable_token_indices),
         "layers_to_transform": None,
         "layers_pattern": None,
         "lora_bias": False,
@@ -176,22 +205,39 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
             loftq_iter=(raw.get("loftq_config") or {}).get("loftq_iter", 1),
             rank_pattern=raw.get("rank_pattern") or {},
             alpha_pattern=raw.get("alpha_pattern") or {},
+            modules_to_save=raw.get("modules_to_save") or None,
+            trainable_token_indices=raw.get("trainable_token_indices") or None,
         )
     except ConfigError as err:
         raise AdapterFileError(f"{config_file}: {err}") from err
 
 
 def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False) -> nn.Module:
-    """Attach the adapter saved in folder `path` (by lorafit or PEFT) to a plain base model and load its weights."""
+    """Attach the adapter saved in folder `path` (by lorafit or PEFT) to a plain base model and load its weights.
+    A folder with a tokenizer (added tokens) first grows the model's embeddings to its vocabulary."""
     path = Path(path)
     config = read_adapter_config(path)
     tensors = _read_weights(path / WEIGHTS_NAME)
+    tokenizer = read_adapter_tokenizer(path)
+    if tokenizer is not None:  # a run that added tokens: the base grows to its vocabulary (placeholder rows)
+        resize_vocabulary(model, len(tokenizer))
+    config = replace(config, modules_to_save=present_entries(model, config.modules_to_save))
     attach(model, config, warn_scale=False)
     _load_tensors(model, tensors, path / WEIGHTS_NAME)
     if not trainable:
         for param in model.parameters():
             param.requires_grad_(False)
     return model
+
+
+def read_adapter_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved beside the adapter (by a run with data.added_tokens), or None when the folder has none."""
+    path = Path(path)
+    if not (path / TOKENIZER_CONFIG).is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -228,18 +274,19 @@ def _read_weights(weights_file: Path) -> dict[str, torch.Tensor]:
 
 def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_file: Path) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
-    expected = {n for n in params if ".lora_A." in n or ".lora_B." in n or n.endswith(".lora_magnitude_vector")}
+    keys = saved_keys(model)
+    expected = {n for n in keys.values() if n not in _bias_names(model)}  # biases: PEFT's files may omit them
+    tables = {k: v for k, v in _resized_tables(model).items() if k not in keys}
     loaded = set()
     for key, tensor in tensors.items():
-        name = key.removeprefix(KEY_PREFIX)
-        name = _strip_adapter_name(name)
-        if name not in params:
-            if ".lora_" in name or "lora_magnitude_vector" in name:
-                raise AdapterFileError(
-                    f"{weights_file}: tensor {key!r} has no matching layer in this model; the adapter was trained on "
-                    "another architecture or with other target_modules."
-                )
-            continue  # e.g. full embedding copies PEFT may add; they carry no adapter update
+        key = KEY_PREFIX + _strip_adapter_name(key.removeprefix(KEY_PREFIX))
+        name = keys.get(key) or tables.get(key)
+        if name is None:
+            raise AdapterFileError(
+                f"{weights_file}: tensor {key!r} has no place in this model with this adapter_config.json; the "
+                "adapter was trained on another architecture or with other target_modules / modules_to_save / "
+                "trainable_token_indices: load it on the base it was trained on."
+            )
         param = params[name]
         if tuple(param.shape) != tuple(tensor.shape):
             raise AdapterFileError(
@@ -254,7 +301,34 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_fi
         raise AdapterFileError(f"{weights_file} lacks {len(missing)} adapter tensors, e.g. {missing[0]!r}; re-save the adapter.")
 
 
+def _resized_tables(model: nn.Module) -> dict[str, str]:
+    """Saved key -> parameter name of the whole embedding / head tables PEFT saves beside the adapter when the
+    vocabulary was resized (save_embedding_layers): `<module>.token_adapter.base_layer.weight` of a trained-rows
+    layer, else `<module>.weight`. Loading them sets the base's tables, as PEFT does; lorafit never writes them (its
+    new rows start at a deterministic placeholder and every one is trained: models/vocabulary.py)."""
+    tables = {f"{KEY_PREFIX}{name}.{SAVED_DELTA.rsplit('.', 1)[0]}.base_layer.weight": f"{name}.base_layer.weight"
+              for name in token_layers(model)}
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()) if hasattr(
+            model, "get_input_embeddings") else ():
+        name = next((n for n, m in model.named_modules() if m is module and n), None)
+        if name and isinstance(module, (nn.Embedding, nn.Linear)):
+            tables[f"{KEY_PREFIX}{name}.weight"] = f"{name}.weight"
+    return tables
+
+
+def _bias_names(model: nn.Module) -> set[str]:
+    return {n for n in saved_keys(model).values() if n.endswith(".bias") and f".{COPY_ATTR}." not in n}
+
+
+def _plain(indices: Any) -> Any:
+    """trainable_token_indices as JSON data (lists, dicts of lists), or None."""
+    if indices is None:
+        return None
+    return {k: list(v) for k, v in indices.items()} if isinstance(indices, dict) else list(indices)
+
+
 def _strip_adapter_name(name: str) -> str:
     """PEFT keys carry no adapter name on disk, but accept in-memory style `lora_A.default.weight` too."""
     name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    name = name.replace(".modules_to_save.default.", ".").replace(f".{SAVED_DELTA}.default", f".{SAVED_DELTA}")
     return name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")

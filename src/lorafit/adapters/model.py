@@ -13,7 +13,21 @@ from torch import nn
 
 from lorafit.adapters.init import initialize, original_base, restore_pissa_base
 from lorafit.adapters.lora import LoraLinear
-from lorafit.adapters.targets import select_targets
+from lorafit.adapters.modules_to_save import (
+    ModuleToSave,
+    modules_to_save,
+    modules_to_save_names,
+    unwrap_modules_to_save,
+    wrap_modules_to_save,
+)
+from lorafit.adapters.targets import TargetError, describe_linear_layers, select_targets
+from lorafit.adapters.trainable_tokens import (
+    TrainableTokens,
+    plan_trainable_tokens,
+    token_layers,
+    unwrap_trainable_tokens,
+    wrap_trainable_tokens,
+)
 from lorafit.config import (
     AdapterConfig,
     ConfigError,
@@ -21,7 +35,7 @@ from lorafit.config import (
     lora_scale,
     scale_warning,
 )
-from lorafit.models.frozen_16bit import Frozen16bitEmbedding
+from lorafit.models.frozen_16bit import Frozen16bitEmbedding, plain_modules
 from lorafit.quant.linear4bit import Linear4bit
 
 CONFIG_ATTR = "lorafit_adapter_config"
@@ -29,12 +43,20 @@ TARGETS_ATTR = "lorafit_adapter_targets"
 
 
 def attach(model: nn.Module, config: AdapterConfig, *, warn_scale: bool = True) -> nn.Module:
-    """Wrap the chosen layers in LoraLinear in place, freeze everything else, and return the model."""
+    """Wrap the chosen layers in LoraLinear in place, freeze everything else, wrap config.modules_to_save (trained
+    in full) and the layers of config.trainable_token_indices (trained rows), and return the model."""
     if adapter_config(model) is not None:
         raise ConfigError("this model already carries a lorafit adapter: call detach() or merge_and_unload() first.")
     if warn_scale and (message := scale_warning(config)):
         warnings.warn(message, LorafitWarning, stacklevel=2)
     targets = select_targets(model, config.target_modules, config.exclude_modules)
+    saved = modules_to_save_names(model, config.modules_to_save or [])
+    token_plan = plan_trainable_tokens(model, config, saved)
+    auxiliary = saved + [name for name, _, _ in token_plan]  # LoRA never adapts inside them (PEFT's rule too)
+    targets = [t for t in targets if not any(t == a or t.startswith(a + ".") for a in auxiliary)]
+    if not targets:
+        raise TargetError(f"target_modules={config.target_modules!r} matches only modules that modules_to_save or "
+                          f"trainable_token_indices train: leave some layer to adapt. {describe_linear_layers(model)}")
     for param in model.parameters():
         param.requires_grad_(False)
     for name in targets:
@@ -44,6 +66,8 @@ def attach(model: nn.Module, config: AdapterConfig, *, warn_scale: bool = True) 
         initialize(layer, config)
         _replace_module(model, name, layer)
     _set_bias_trainable(model, config.bias)
+    wrap_modules_to_save(model, saved)
+    wrap_trainable_tokens(model, token_plan)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, TARGETS_ATTR, targets)
     return model
@@ -81,17 +105,23 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
     A 4-bit base is dequantised: each adapted layer becomes an nn.Linear holding W0 + s·B A (or DoRA's merged
     weight) computed in fp32 and stored in `dtype` (default: the dtype of the model's input embeddings), and
-    every other Linear4bit is dequantised the same way, so the result holds no 4-bit layer. (Embeddings kept
-    16-bit under QLoRA count as the dtype they compute in: models/frozen_16bit.py.)
+    every other Linear4bit is dequantised the same way, so the result holds no 4-bit layer. Modules of
+    modules_to_save become their trained copies; trained token rows are written into their embedding (and head).
+    Embeddings and head kept 16-bit under QLoRA (models/frozen_16bit.py) make the default `dtype` that 16-bit
+    dtype, the checkpoint's: they become plain modules and the whole model is cast to it, one coherent model as the
+    checkpoint was. Pass dtype=torch.float32 to keep fp32.
     """
+    embeddings = _base_of(model.get_input_embeddings()) if hasattr(model, "get_input_embeddings") else None
+    kept_16bit = isinstance(embeddings, Frozen16bitEmbedding)
     if dtype is None:
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        dtype = torch.float32 if embeddings is None else (
-            embeddings.output_dtype if isinstance(embeddings, Frozen16bitEmbedding) else embeddings.weight.dtype)
+        dtype = torch.float32 if embeddings is None else embeddings.weight.dtype
     _unwrap(model, merge_first=True, dtype=dtype)
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):
             _replace_module(model, name, _dense_linear(module.dequantize(torch.float32), module.bias, dtype))
+    if kept_16bit:
+        plain_modules(model)
+        model.to(dtype)
     return model
 
 
@@ -110,6 +140,9 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = True
             stack.callback(setattr, layer, "disabled", False)
             stack.enter_context(original_base(layer))
+        for module in [*modules_to_save(model).values(), *token_layers(model).values()]:
+            module.disabled = True
+            stack.callback(setattr, module, "disabled", False)
         yield model
 
 
@@ -119,7 +152,7 @@ class ParameterReport:
 
     trainable: int
     total: int
-    per_kind: dict[str, tuple[int, int]]  # leaf name (q_proj, ...) -> (layers, adapter parameters)
+    per_kind: dict[str, tuple[int, int]]  # leaf name (q_proj, lm_head (full copy), ...) -> (layers, parameters)
 
     @property
     def percent(self) -> float:
@@ -128,9 +161,10 @@ class ParameterReport:
     def __str__(self) -> str:
         lines = [f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"]
         if self.per_kind:
-            lines.append(f"  {'layer kind':<16}{'layers':>8}{'adapter params':>18}")
+            width = max(16, *(len(kind) + 2 for kind in self.per_kind))
+            lines.append(f"  {'layer kind':<{width}}{'layers':>8}{'adapter params':>18}")
             for kind, (count, params) in sorted(self.per_kind.items()):
-                lines.append(f"  {kind:<16}{count:>8}{params:>18,}")
+                lines.append(f"  {kind:<{width}}{count:>8}{params:>18,}")
         return "\n".join(lines)
 
 
@@ -144,6 +178,11 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         entry[0] += 1
         entry[1] += sum(p.numel() for p in (layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector)
                         if p is not None)
+    for name, wrapper in modules_to_save(model).items():  # trained in full: one line per module
+        per_kind[f"{name.rsplit('.', 1)[-1]} (full copy)"] = [1, sum(p.numel() for p in wrapper.trained_copy.parameters())]
+    for name, layer in token_layers(model).items():
+        if layer.owns_delta:
+            per_kind[f"{name.rsplit('.', 1)[-1]} (token rows)"] = [1, layer.trainable_tokens_delta.numel()]
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
     return ParameterReport(
         trainable=sum(p.numel() for p in params if p.requires_grad),
@@ -164,10 +203,19 @@ def _unwrap(model: nn.Module, merge_first: bool, dtype: torch.dtype | None = Non
             layer.unmerge()
             restore_pissa_base(layer)
         _replace_module(model, name, replacement)
+    unwrap_modules_to_save(model, keep_trained=merge_first, dtype=dtype)
+    unwrap_trainable_tokens(model, merge=merge_first)
     for attr in (CONFIG_ATTR, TARGETS_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
+
+
+def _base_of(module: nn.Module | None) -> nn.Module | None:
+    """The frozen base module behind a modules_to_save or trainable-tokens wrapper (the module itself otherwise)."""
+    if isinstance(module, ModuleToSave):
+        return module.original_module
+    return module.base_layer if isinstance(module, TrainableTokens) else module
 
 
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:

@@ -30,6 +30,16 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return getter() if callable(getter) else None
 
 
+def tied_embedding_names(model: nn.Module) -> set[str]:
+    """Full names of the input embeddings and the output head when they share one weight (tied), else empty."""
+    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings")):
+        return set()
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embeddings is None or head is None or getattr(embeddings, "weight", None) is not getattr(head, "weight", 0):
+        return set()
+    return {name for name, m in model.named_modules() if m is embeddings or m is head}
+
+
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every adaptable layer of the model except the output head, by full module name."""
     head = output_head(model)
@@ -92,6 +102,13 @@ def describe_linear_layers(model: nn.Module) -> str:
     counts = Counter(n.rsplit(".", 1)[-1] for n in names)
     kinds = ", ".join(f"{leaf} (x{c})" for leaf, c in sorted(counts.items()))
     return f"Its linear layers are: {kinds}; e.g. {names[0]!r}. Use 'all-linear', 'attention', 'mlp', those names, or a regex."
+
+
+def describe_module_names(model: nn.Module) -> str:
+    """The distinct last parts of the model's leaf module names (embed_tokens, lm_head, q_proj, ...), for errors."""
+    leaves = dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                           if name and not list(m.children()) and not name.rsplit(".", 1)[-1].isdigit())
+    return ", ".join(leaves)
 
 
 def _in_block_of(name: str, words: tuple[str, ...]) -> bool:

@@ -112,13 +112,17 @@ class MemoryEstimate:
         notes = {
             "weights": "base model" + (f", NF4 + double quant, embeddings and head {8 * s['embedding_bytes']}-bit"
                                        if s["method"] == "qlora" else f", {s['precision']}"),
-            "adapters": "fp32 LoRA A and B" if s["method"] != "full" else "none",
+            "adapters": ("fp32 LoRA A and B" + "".join(
+                [f", trained copy of {m}" for m in s.get("modules_to_save", [])]
+                + [f", {s[k]} trained token rows" for k in ("trainable_tokens", "trainable_head_tokens") if s.get(k)]))
+            if s["method"] != "full" else "none",
             **({"weights": f"a 1/{gpus} shard + the gathered root group and 2 blocks"
                 + (" (NF4)" if s["method"] == "qlora" else "")} if sharded else {}),
             "gradients": "of the trained parameters",
             "optimizer": f"{s['optimizer']} state",
             "activations": "kept by autograd for the backward pass",
-            "logits": "lorafit's chunked head loss" if s["method"] != "full" else "stock loss, full logits",
+            "logits": "stock loss, full logits" if s.get("head_trained", s["method"] == "full")
+            else "lorafit's chunked head loss",
             "temporaries": "largest block linear dequantised" if s["method"] == "qlora" else "none",
         }
         for name in BUCKETS:
@@ -145,6 +149,9 @@ def estimate_memory(
     attention_mask: bool = True,
     gpus: int = 1,
     strategy: str = "ddp",
+    modules_to_save: list[str] | None = None,
+    trainable_tokens: int = 0,
+    trainable_head_tokens: int = 0,
 ) -> MemoryEstimate:
     """Estimate the memory of one training step; `shape` is a ModelShape or anything `model_shape` reads.
 
@@ -157,6 +164,11 @@ def estimate_memory(
     the unsharded working set of weights while computing: the root group (embeddings, final norm, head), which
     stays gathered for the whole step, and two blocks (the one computing and the next, prefetched). Activations
     and logits are per micro-batch on every rank either way.
+    modules_to_save (the input embeddings and/or the output head, by name): each is a trained copy in the compute
+    dtype, its gradient and optimizer state beside the frozen original (a tied pair gets two copies, as lorafit and
+    PEFT train it). trainable_tokens: rows of the input embeddings trained (adapter.trainable_token_indices; a tied
+    head shares them); trainable_head_tokens: rows of an untied head trained on their own. A trained head leaves
+    the chunked head loss for the stock loss (train/loss.has_plain_head), so `logits` is the stock loss's then.
     """
     shape = shape if isinstance(shape, ModelShape) else model_shape(shape)
     _check_settings(method, r, batch, seq, precision, optimizer, dropout)
@@ -165,6 +177,9 @@ def estimate_memory(
     full = method == "full"
     adapted = [set(BLOCK_LINEARS)] * shape.num_layers if full else adapted_linears(shape, targets)
     trainable = _trainable_tensors(shape, adapted, r, full)
+    copies = [] if full else _trained_tables(shape, modules_to_save or [], trainable_tokens, trainable_head_tokens)
+    head_trained = full or "head" in modules_to_save_kinds(modules_to_save or []) or trainable_head_tokens > 0 or (
+        trainable_tokens > 0 and shape.tie_word_embeddings)
     tokens = batch * seq
     frozen = big_frozen_bytes(shape, method, precision)
     weights = sum(_weight_bytes(kind, numel, method, a, frozen) for kind, numel in shape.parameter_tensors())
@@ -180,16 +195,18 @@ def estimate_memory(
         "r": r, "batch": batch, "seq": seq, "grad_checkpointing": grad_checkpointing, "precision": precision,
         "optimizer": optimizer, "targets": targets, "dropout": dropout, "attention_mask": attention_mask,
         "embedding_bytes": frozen,
-        "trainable_parameters": sum(trainable), "gpus": gpus, "strategy": strategy,
+        "trainable_parameters": sum(trainable) + sum(copies), "gpus": gpus, "strategy": strategy,
+        "modules_to_save": list(modules_to_save or []), "trainable_tokens": trainable_tokens,
+        "trainable_head_tokens": trainable_head_tokens, "head_trained": head_trained,
     }
     return MemoryEstimate(
         weights=weights,
-        adapters=0 if full else math.ceil(FP32 * sum(trainable) / shards),
-        gradients=math.ceil((a if full else FP32) * sum(trainable) / shards),
-        optimizer=math.ceil(sum(optimizer_state_bytes(optimizer, numel) for numel in trainable) / shards),
+        adapters=0 if full else math.ceil((FP32 * sum(trainable) + a * sum(copies)) / shards),
+        gradients=math.ceil(((a if full else FP32) * sum(trainable) + a * sum(copies)) / shards),
+        optimizer=math.ceil(sum(optimizer_state_bytes(optimizer, numel) for numel in trainable + copies) / shards),
         activations=activations,
         # the chunked loss needs a frozen head; one held in another dtype than the compute dtype is upcast by slices
-        logits=hf_logits if full else lorafit_head_bytes(shape, tokens, a, upcast=frozen != a),
+        logits=hf_logits if head_trained else lorafit_head_bytes(shape, tokens, a, upcast=frozen != a),
         logits_hf=hf_logits,
         temporaries=DEQUANT_BYTES_PER_WEIGHT * max(i * o for i, o, _ in shape.linear_shapes().values()) if method == "qlora" else 0,
         settings=settings,
@@ -351,6 +368,44 @@ def _trainable_tensors(shape: ModelShape, adapted: list[set[str]], r: int, full:
         return [numel for _, numel in shape.parameter_tensors()]
     dims = shape.linear_shapes()
     return [n for names in adapted for name in sorted(names) for n in (r * dims[name][0], dims[name][1] * r)]
+
+
+EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings")  # last name part of input embeddings
+HEAD_NAMES = ("lm_head", "output", "embed_out")  # ... of the output head
+
+
+def modules_to_save_kinds(entries: list[str]) -> list[str]:
+    """'embedding' or 'head' for each modules_to_save entry; another module is a ConfigError (the estimate knows a
+    model's shape, not every module's)."""
+    kinds = []
+    for entry in entries:
+        leaf = entry.rsplit(".", 1)[-1]
+        if leaf not in EMBEDDING_NAMES + HEAD_NAMES:
+            raise ConfigError(f"modules_to_save entry {entry!r}: the memory estimate counts the input embeddings "
+                              f"({', '.join(EMBEDDING_NAMES)}) and the output head ({', '.join(HEAD_NAMES)}) only.")
+        kinds.append("embedding" if leaf in EMBEDDING_NAMES else "head")
+    return kinds
+
+
+def token_rows(indices: list | dict | None) -> tuple[int, int]:
+    """(rows of the input embeddings, rows of an output head) that adapter.trainable_token_indices trains, in
+    either of its forms; estimate_memory's trainable_tokens and trainable_head_tokens."""
+    if not indices:
+        return 0, 0
+    if not isinstance(indices, dict):
+        return len(indices), 0
+    head = sum(len(rows) for key, rows in indices.items() if key.rsplit(".", 1)[-1] in HEAD_NAMES)
+    return sum(len(rows) for rows in indices.values()) - head, head
+
+
+def _trained_tables(shape: ModelShape, modules_to_save: list[str], token_rows: int, head_token_rows: int) -> list[int]:
+    """numel of the trained copies of modules_to_save and of the trained token rows (module docstring)."""
+    for name, rows in (("trainable_tokens", token_rows), ("trainable_head_tokens", head_token_rows)):
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows <= shape.vocab_size:
+            raise ConfigError(f"{name}={rows!r} is invalid: use the number of trained rows, 0..{shape.vocab_size}.")
+    table = shape.vocab_size * shape.hidden_size
+    return ([table for _ in modules_to_save_kinds(modules_to_save)]
+            + [rows * shape.hidden_size for rows in (token_rows, head_token_rows) if rows])
 
 
 def big_frozen_bytes(shape: ModelShape, method: str, precision: str) -> int:

@@ -92,3 +92,7 @@ def _refuse_inexpressible(config) -> None:
     if config.bias != "none":
         raise UserError(f"this adapter also trains biases (bias={config.bias!r}), which a llama.cpp LoRA GGUF cannot "
                          f"carry: {MERGED_HINT}.")
+    if config.modules_to_save or config.trainable_token_indices:
+        field = "modules_to_save" if config.modules_to_save else "trainable_token_indices"
+        raise UserError(f"this adapter also trains whole modules or token rows ({field}), which a llama.cpp LoRA GGUF "
+                        f"cannot carry (it holds B·A pairs only): {MERGED_HINT}.")

@@ -15,8 +15,9 @@ The computation does not change: bf16 and fp16 convert to fp32 exactly, so
   (`Frozen16bitLinear`, `matmul_weight_t`, and `matmul_weight` for the gradient w.r.t. x): the same products as
   an fp32 copy of W, summed in another order (fp32 rounding, ~1e-6 relative), never the whole fp32 W in memory.
 What does change, against an fp32 checkpoint, is only the weight's own 16-bit rounding, which a bf16 checkpoint
-already has. Both tensors are frozen here; the modules refuse to be trained (a trained embedding or head is a
-full-precision copy: adapter.modules_to_save).
+already has. Both tensors are frozen here; the modules refuse to be trained: a trained embedding or head is a
+copy in the compute dtype (`trainable_dtype`; adapter.modules_to_save), and trained rows are replacement rows in
+that dtype (adapter.trainable_token_indices), while the 16-bit original stays frozen beside them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ def kept_dtype(stored: torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
     """The dtype a big frozen tensor (embeddings, head) is held in under QLoRA: its checkpoint's 16-bit dtype when
     the model runs in fp32, else the model dtype (the rule above; diagnose.memory counts bytes with it too)."""
     return stored if stored in KEEPABLE_DTYPES and model_dtype == torch.float32 else model_dtype
+
+
+def trainable_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype trained values of `module`'s weight are held in (a full copy, replacement rows): the compute dtype
+    for a kept-16-bit embedding or head (fp32: the rule keeps 16 bits only under an fp32 model), else the weight's
+    own dtype (as PEFT)."""
+    if isinstance(module, Frozen16bitEmbedding):
+        return module.output_dtype
+    if isinstance(module, Frozen16bitLinear):
+        return torch.float32
+    return module.weight.dtype
 
 
 def big_frozen_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -59,6 +71,22 @@ def compute_in_model_dtype(model: nn.Module, model_dtype: torch.dtype) -> None:
     if type(head) is nn.Linear and head.bias is None and head.weight.dtype != model_dtype:
         head.weight.requires_grad_(False)
         model.set_output_embeddings(Frozen16bitLinear.wrapping(head))
+
+
+def plain_modules(model: nn.Module) -> None:
+    """Undo compute_in_model_dtype: kept-16-bit embeddings and head become a plain nn.Embedding / nn.Linear holding
+    the same parameter (ties stay ties), computing in their weight's dtype (merge_and_unload's 16-bit result)."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(embeddings, Frozen16bitEmbedding):
+        with torch.device("meta"):
+            plain = nn.Embedding(embeddings.num_embeddings, embeddings.embedding_dim, padding_idx=embeddings.padding_idx)
+        plain.weight = embeddings.weight
+        model.set_input_embeddings(plain)
+    if isinstance(head, Frozen16bitLinear):
+        with torch.device("meta"):
+            plain_head = nn.Linear(head.in_features, head.out_features, bias=False)
+        plain_head.weight = head.weight
+        model.set_output_embeddings(plain_head)
 
 
 class Frozen16bitEmbedding(nn.Embedding):
@@ -141,7 +169,8 @@ def _rows_per_slice(weight: torch.Tensor, dtype: torch.dtype) -> int:
 def _require_frozen(weight: torch.Tensor, what: str) -> None:
     if weight.requires_grad:
         raise RuntimeError(f"the {what} hold a 16-bit weight kept frozen under QLoRA; train a full-precision copy "
-                           "through adapter.modules_to_save instead of setting requires_grad on it.")
+                           "through adapter.modules_to_save (or rows through adapter.trainable_token_indices) "
+                           "instead of setting requires_grad on it.")
 
 
 class _SlicedLinear(torch.autograd.Function):

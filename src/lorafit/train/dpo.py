@@ -63,7 +63,7 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     with state.timed("prepare_data"):
         train_pairs = read_pairs("train", config.data.train, tokenizer, config.data.max_seq_len)
         eval_pairs = read_pairs("eval", config.data.eval, tokenizer, config.data.max_seq_len) if config.data.eval else []
-    loop.attach_adapter(state.model, config)
+    loop.attach_adapter(state.model, config, state.tokenizer)
     model = state.model
     reference = reference_start(model, config)  # before start_training loads a checkpoint: the step-0 policy
     use_bf16 = loop.use_bf16(t, model.device)

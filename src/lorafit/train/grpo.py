@@ -100,7 +100,7 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     eval_prompts = eval_prompts[: config.evaluation.limit] if config.evaluation.limit else eval_prompts
     distributed.print_main(f"train: {len(train_prompts)} prompts x {g.num_generations} completions; "
                            f"eval: {len(eval_prompts)} prompts")
-    loop.attach_adapter(model, config)
+    loop.attach_adapter(model, config, state.tokenizer)
     # The reference policy is where training starts: the base (adapter off) for a fresh adapter, else a copy of
     # the trainable weights (a saved adapter, or trained biases, which switching the adapter off would not undo).
     # LoftQ starts at Q + s·B0 A0 (B0 != 0): switching its adapter off would give the bare 4-bit Q instead.

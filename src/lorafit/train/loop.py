@@ -26,17 +26,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorafit import distributed
-from lorafit.adapters.io import read_adapter_config
+from lorafit.adapters.io import read_adapter_config, read_adapter_tokenizer
 from lorafit.adapters.model import parameter_report
 from lorafit.adapters.prepare import prepare_model, quantize_at_load
+from lorafit.adapters.trainable_tokens import check_new_rows_trained, resolve_token_strings
+from lorafit.config import AdapterConfig
 from lorafit.device import bf16_worthwhile, peak_memory_mib, reset_peak_memory, return_freed_host_memory
 from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, has_learning_curve
-from lorafit.diagnose.memory import estimate_memory
+from lorafit.diagnose.memory import estimate_memory, token_rows
 from lorafit.diagnose.model_shape import ModelShapeError
 from lorafit.errors import UserError
 from lorafit.finish import finish_run
 from lorafit.models import load_model
+from lorafit.models.vocabulary import add_tokens
 from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, to_dict
 from lorafit.run_dir import MetricsLog, RunDir
 from lorafit.train.checkpoint import (
@@ -134,12 +137,18 @@ def load_base_model(state: RunState) -> None:
                                                   double_quant=config.double_quant, device=distributed.context().device)
 
 
-def attach_adapter(model: nn.Module, config: RunConfig) -> None:
-    """Attach a fresh adapter (config.adapter) or a saved one (config.init_adapter, trainable) and print the report.
+def attach_adapter(model: nn.Module, config: RunConfig, tokenizer: Any) -> None:
+    """Add data.added_tokens to the tokenizer and the model's embeddings, attach a fresh adapter (config.adapter,
+    its token strings resolved) or a saved one (config.init_adapter, trainable) and print the report.
 
     With LoftQ, prepare_model quantises the block linears it does not adapt, then the init quantises the adapted ones.
     """
-    prepare_model(model, config.init_adapter or config.adapter, quantize=config.quantize,
+    adapter = config.init_adapter or config.adapter
+    new_rows = add_tokens(model, tokenizer, added_tokens(config, tokenizer))
+    if isinstance(adapter, AdapterConfig):
+        adapter = resolve_token_strings(adapter, tokenizer.get_vocab())
+        check_new_rows_trained(model, adapter, new_rows)
+    prepare_model(model, adapter, quantize=config.quantize,
                   double_quant=config.double_quant, warn_scale=False)  # the config checks have said it already
     if config.init_adapter:
         distributed.print_main(f"adapter initialised from {config.init_adapter}")
@@ -148,6 +157,16 @@ def attach_adapter(model: nn.Module, config: RunConfig) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.training.compile:
         compile_blocks(model)
+
+
+def added_tokens(config: RunConfig, tokenizer: Any) -> list[str]:
+    """The tokens this run adds to the base tokenizer: data.added_tokens, after those an init_adapter's saved
+    tokenizer has beyond `tokenizer` (in id order, so they get the same ids again)."""
+    saved = read_adapter_tokenizer(config.init_adapter) if config.init_adapter else None
+    vocab = tokenizer.get_vocab()
+    inherited = [] if saved is None else [t for t, _ in sorted(saved.get_vocab().items(), key=lambda item: item[1])
+                                          if t not in vocab]
+    return inherited + [t for t in config.data.added_tokens if t not in inherited]
 
 
 def _adapter_init(config: RunConfig) -> str:
@@ -235,9 +254,12 @@ def _one_process_bytes(config: RunConfig) -> int:
     """The memory estimator's total for this run on one process (lorafit.diagnose.memory)."""
     t = config.training
     precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[config.dtype]
+    rows, head_rows = token_rows(config.adapter.trainable_token_indices)
     estimate = estimate_memory(config.model, method="qlora" if config.quantize else "lora", r=config.adapter.r,
                                batch=t.micro_batch_size or t.batch_size, seq=config.data.max_seq_len,
-                               grad_checkpointing=t.gradient_checkpointing, precision=precision)
+                               grad_checkpointing=t.gradient_checkpointing, precision=precision,
+                               modules_to_save=config.adapter.modules_to_save, trainable_tokens=rows,
+                               trainable_head_tokens=head_rows)
     return int(estimate.total)
 
 
@@ -276,7 +298,10 @@ def end_step(state: RunState, row: dict[str, Any], force_log: bool = False) -> N
 
 def save_final_adapter(state: RunState) -> None:
     """Write the trained adapter to OUTPUT/adapter (PEFT format): gathered from every rank, written by rank 0."""
-    distributed.save_adapter(state.wrapped, state.folder.adapter, base_model_name_or_path=state.config.model)
+    grew = state.config.data.added_tokens or (state.config.init_adapter and read_adapter_tokenizer(state.config.init_adapter))
+    tokenizer = state.tokenizer if grew else None  # the grown vocabulary travels with the adapter
+    distributed.save_adapter(state.wrapped, state.folder.adapter, base_model_name_or_path=state.config.model,
+                             tokenizer=tokenizer)
     distributed.print_main(f"adapter saved to {state.folder.adapter}")
 
 

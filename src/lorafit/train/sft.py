@@ -51,7 +51,7 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
         eval_set = prepare_rows(data.eval, state.tokenizer, max_seq_len=data.max_seq_len, packing=data.packing,
                                 assistant_only=data.assistant_only) if data.eval else None
         _print_data_summary("train", train_set)
-    loop.attach_adapter(state.model, config)
+    loop.attach_adapter(state.model, config, state.tokenizer)
     model, device = state.model, state.model.device
     use_bf16 = loop.use_bf16(t, device)
     check_forgetting = forgetting_enabled(config.evaluation, device)
