@@ -50,7 +50,10 @@ def read_prompts(path: Path) -> list[str]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        prompt = json.loads(line).get("prompt")
+        try:
+            prompt = json.loads(line).get("prompt")
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise SystemExit(f"{path}:{number}: each line must be a JSON object with a 'prompt' field ({err})") from None
         if not isinstance(prompt, str) or not prompt.strip():
             raise SystemExit(f"{path}:{number}: field 'prompt' must be a non-empty string, got {prompt!r}")
         prompts.append(prompt)

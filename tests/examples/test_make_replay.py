@@ -10,12 +10,12 @@ from types import ModuleType
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import save_tiny_chat_llama, tiny_chat_tokenizer
+from transformers import LlamaForCausalLM
 
 from lorafit.data.chat import build_prompt_ids
 from lorafit.evaluation.forgetting import general_prompts
 from lorafit.evaluation.generate import generate_ids
-from tiny_models import tiny_chat_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SCRIPT = EXAMPLES / "make_replay.py"
@@ -90,18 +90,13 @@ def test_no_row_is_about_the_order_extraction_task(rows: list[dict], prompts: li
 
 
 def _tiny_model_folder(folder: Path) -> Path:
-    """A 2-layer Llama with the tiny ChatML tokenizer whose end-of-turn logit is raised (x1.5) so that, with the
-    sharpened head (x10), some greedy replies end within a few tokens and others run on."""
-    tokenizer = tiny_chat_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    """The tiny ChatML Llama with a sharpened head (x10) and its end-of-turn logit raised further (x1.5), so that
+    some greedy replies end within a few tokens and others run on."""
+    save_tiny_chat_llama(folder, head_scale=10.0)
+    model = LlamaForCausalLM.from_pretrained(folder)
     with torch.no_grad():
-        model.lm_head.weight.mul_(10)
-        model.lm_head.weight[tokenizer.eos_token_id] *= 1.5
+        model.lm_head.weight[tiny_chat_tokenizer().eos_token_id] *= 1.5
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -133,3 +128,11 @@ def test_script_keeps_exactly_the_replies_that_ended_and_repeats_itself(mr: Modu
     written = [json.loads(line)["messages"] for line in outputs[0].read_text().splitlines()]
     assert [(m[0]["content"], m[1]["content"]) for m in written] == expected
     assert all(reply for _, reply in expected)
+
+
+@pytest.mark.parametrize("line", ["not json", '["a list"]', '{"prompt": ""}', '{"text": "no prompt field"}'])
+def test_a_bad_prompts_line_is_named(mr: ModuleType, tmp_path: Path, line: str) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Hello!"}\n' + line + "\n")
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(path))}:2: "):
+        mr.read_prompts(path)
