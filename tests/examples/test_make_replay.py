@@ -14,6 +14,7 @@ from tiny_models import save_tiny_chat_llama, tiny_chat_tokenizer
 from transformers import LlamaForCausalLM
 
 from lorafit.data.chat import build_prompt_ids
+from lorafit.data.sources import read_examples
 from lorafit.evaluation.forgetting import general_prompts
 from lorafit.evaluation.generate import generate_ids
 
@@ -54,6 +55,7 @@ def prompts(mr: ModuleType) -> list[str]:
 
 def test_committed_rows_are_user_then_assistant_with_text(rows: list[dict]) -> None:
     assert len(rows) >= 120
+    assert len(read_examples(REPLAY)) == len(rows)  # the training data reader accepts every row
     for row in rows:
         assert list(row) == ["messages"]
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
