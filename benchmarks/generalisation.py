@@ -56,6 +56,7 @@ class Variant:
     compound_share: float = 0.0  # made-up items written as two words
     rich_share: float = 0.0  # real-vocabulary orders from make_orders' wide pools (compound items, idioms, chatter)
     train_rows: int = 400
+    replay_share: float = 0.0  # the base model's own general replies mixed in (examples/make_replay.py)
     config: str = "quickstart.yaml"
     overrides: tuple[str, ...] = ()
     note: str = ""
@@ -63,10 +64,11 @@ class Variant:
     @property
     def recipe(self) -> str:
         recipe = f"copy{self.copy_share:g}_{'broad' if self.broad else 'plain'}_compound{self.compound_share:g}"
-        return recipe + (f"_rich{self.rich_share:g}_{self.train_rows}" if self.rich_share else "")
+        recipe += f"_rich{self.rich_share:g}_{self.train_rows}" if self.rich_share else ""
+        return recipe + (f"_replay{self.replay_share:g}" if self.replay_share else "")
 
 
-NEW = {"copy_share": 0.5, "broad": True}  # the recipe the quickstart ships (make_orders' defaults)
+NEW = {"copy_share": 0.5, "broad": True}  # the previous quickstart's recipe (400 rows, 30 steps)
 VARIANTS: dict[str, Variant] = {
     "baseline": Variant(note="the first quickstart: 400 rows of the 16 train phrasings, lr 1e-3, r16, 30 steps"),
     "copy": Variant(copy_share=0.5, note="half the rows order made-up items/colours/cities"),
@@ -85,6 +87,28 @@ VARIANTS: dict[str, Variant] = {
     "copy_broad_20steps": Variant(**NEW, overrides=("training.max_steps=20",), note="+ 20 steps (fewer)"),
     "copy_broad_45steps": Variant(**NEW, overrides=("training.max_steps=45",), note="+ 45 steps (more)"),
     "copy_broad_qlora": Variant(**NEW, config="quickstart_qlora.yaml", note="QLoRA run file, same data"),
+    "copy_broad_dora_dropout": Variant(**NEW, overrides=("adapter.use_dora=true", "adapter.dropout=0.05"),
+                                       note="+ DoRA, dropout 0.05 (PEFT's formula)"),
+    "copy_broad_dora_dropout_lowrank": Variant(**NEW, overrides=("adapter.use_dora=true", "adapter.dropout=0.05",
+                                                                 "adapter.dora_dropout_lowrank_only=true"),
+                                               note="+ DoRA, dropout 0.05 on the low-rank path only"),
+    # the wide pools (make_orders --rich-share): compound items, idioms, thousands, chatter
+    "rich30_600_45": Variant(copy_share=0.4, broad=True, rich_share=0.3, train_rows=600,
+                             overrides=("training.max_steps=45",), note="30% wide-pool rows, 600 rows, 45 steps"),
+    "rich30_600_45_lr1e-3": Variant(copy_share=0.4, broad=True, rich_share=0.3, train_rows=600,
+                                    overrides=("training.max_steps=45", "training.lr=1e-3"), note="+ lr 1e-3"),
+    "rich50_800_60": Variant(copy_share=0.4, broad=True, rich_share=0.5, train_rows=800,
+                             overrides=("training.max_steps=60",), note="50% wide-pool rows, 800 rows, 60 steps"),
+    "rich50_800_60_compound": Variant(copy_share=0.4, broad=True, rich_share=0.5, train_rows=800, compound_share=0.4,
+                                      overrides=("training.max_steps=60",), note="+ 40% made-up items two words"),
+    "rich50_800_60_compound_neftune5": Variant(copy_share=0.4, broad=True, rich_share=0.5, train_rows=800,
+                                               compound_share=0.4,
+                                               overrides=("training.max_steps=60", "training.neftune_noise_alpha=5"),
+                                               note="+ NEFTune alpha 5"),
+    "rich50_800_60_lr1e-3_replay15": Variant(copy_share=0.4, broad=True, rich_share=0.5, train_rows=800,
+                                             replay_share=0.15,
+                                             overrides=("training.max_steps=60", "training.lr=1e-3"),
+                                             note="+ lr 1e-3, 15% replay rows, 8 more phrasings (forms): the quickstart"),
 }
 
 
@@ -102,7 +126,8 @@ def write_recipe(variant: Variant, work: Path) -> Path:
     folder = work / variant.recipe
     args = ["--seed", "0", "--train", str(variant.train_rows), "--eval", "60", "--copy-share", str(variant.copy_share),
             "--broad" if variant.broad else "--no-broad", "--compound-share", str(variant.compound_share),
-            "--rich-share", str(variant.rich_share), "--out-dir", str(folder)]
+            "--rich-share", str(variant.rich_share), "--replay-share", str(variant.replay_share),
+            "--out-dir", str(folder)]
     _make_orders().main(args)
     return folder / "data"
 

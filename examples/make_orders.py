@@ -1,33 +1,42 @@
 """Generate the quickstart's synthetic order-extraction dataset.
 
 Each row is a chat ``{"messages": [system, user, assistant]}`` where the user
-describes an order in one sentence and the assistant answers with the order as
-JSON. Output is deterministic for a given ``--seed``.
+describes an order and the assistant answers with the order as JSON. Output is
+deterministic for a given ``--seed``.
 
-    python examples/make_orders.py --seed 0 --train 400 --eval 60 --ood 60
+    python examples/make_orders.py            # the quickstart's files (the defaults)
 
-Besides train and eval (one generator: same phrasings, items, colours, cities and
-quantities), it writes ``orders_ood.jsonl``: the same task built only from held-out
-pools (items, colours, cities and phrasings that never occur in train, quantities
-21-99 that train never has). Eval measures what the adapter memorised; the OOD
-file measures whether it learned to copy values it never saw.
+Besides train and eval (eval: the first pools' items, colours and cities in the
+train phrasings), it writes ``orders_ood.jsonl``: the same task built only from
+held-out pools (items, colours, cities and phrasings that never occur in train,
+quantities 21-99 that train never has). Eval measures what the adapter memorised;
+the OOD file measures whether it learned to copy values it never saw.
 
-Two levers make the adapter copy rather than recall (benchmarks/generalisation.py
-measures them on the OOD file):
+Four levers make the adapter copy rather than recall (benchmarks/generalisation.py
+measures them on the OOD file and on two sets written without this generator):
 
 - copy-teaching (``--copy-share``): that share of the train rows orders made-up
-  things: pronounceable pseudo-word items with regular plurals (some two words),
-  pseudo-word or shaded colours, pseudo-word and multi-word cities. Recalling a
-  value cannot answer them; copying the span from the sentence can.
+  things: pronounceable pseudo-word items with regular plurals, pseudo-word or
+  shaded colours, pseudo-word and multi-word cities. Recalling a value cannot
+  answer them; copying the span from the sentence can.
 - broad phrasing (``--broad``): more train phrasings (colour after the item,
   city first, terse and chatty ones), a lower-case first letter or no final
   punctuation now and then, "a"/"an" for one, and quantities 100-999 (digits, or
   words for whole hundreds plus 0-20).
+- wide pools (``--rich-share``): that share of the train rows orders real things
+  from large pools (229 items, many of them two words; 72 colours; 185 cities,
+  accents kept), with idioms ("a dozen", "a pair of"), thousands ("2,500"), form-
+  like phrasings and chatter around the order (greetings, names, dates, order
+  numbers). With it, copy-teaching rows never make up both item and colour.
+- replay (``--replay-share``): the base model's own replies to general prompts
+  (examples/make_replay.py) mixed in, so that training keeps its behaviour off the
+  task (the forgetting check's KL).
 
-Neither ever uses a value or phrasing of the OOD pools (every word of them is
-refused), and the eval split stays real-vocabulary orders in the train phrasings.
-The quickstart data is copy-teaching + broad phrasing (``--copy-share 0.5 --broad``, the defaults: see
-DEFAULT_COPY_SHARE for the measurements); ``--copy-share 0 --no-broad`` writes the first, plain recipe.
+None ever uses a value or phrasing of the OOD pools (every word of them is
+refused), nor a value of the independently written test files (a test checks).
+The defaults are the quickstart's recipe (see DEFAULT_COPY_SHARE for the
+measurements); ``--copy-share 0 --no-broad --rich-share 0 --replay-share 0
+--train 400`` writes the first, plain recipe.
 """
 
 from __future__ import annotations
@@ -287,6 +296,14 @@ RICH_TEMPLATES: tuple[str, ...] = (
     "Shipping to {city}: {qty} {color} {items}, thanks.",
     "Place an order for {qty} {color} {items} to be sent to {city}.",
     "We would like to purchase {qty} {items}, colour {color}, for delivery to {city}.",
+    "{qty} {items}, {color}, to {city} please.",
+    "Deliver {qty} {items} ({color}) to {city}.",
+    "Item: {items}; colour: {color}; quantity: {qty}; city: {city}",
+    "Qty: {qty} | Item: {items} | Color: {color} | Ship to: {city}",
+    "{city} - {qty} {items} in {color}",
+    "Order details: {qty} {items}, {color}. Delivery city: {city}.",
+    "Could you send {qty} {items} to {city}? Colour: {color}.",
+    "I'm in {city} and would like {qty} {items}, the {color} ones.",
 )
 
 # Copy-teaching: made-up values built from these parts (pseudo-words: onset + vowel + coda syllables).
@@ -575,20 +592,23 @@ def _draw_unique(rng: random.Random, n: int, seen: set[str], held_out: bool | No
     return rows
 
 
-# The quickstart's recipe: copy-teaching + broad phrasing. Measured on the quickstart (r16 all-linear, 30 steps, lr
-# 5e-4 with this data, 1e-3 with the plain one): on examples/data/orders_independent.jsonl (80 order sentences
-# written without seeing this generator) the plain recipe (--copy-share 0 --no-broad) scored 7.5% (6/80), this one
-# 33.8% (27/80); on orders_ood.jsonl 56.7% vs 63.3% (60 rows: +-6 points, within noise).
-DEFAULT_COPY_SHARE = 0.5
+# The quickstart's recipe (benchmarks/generalisation.py, variant rich50_800_60_lr1e-3_replay15; quickstart r16
+# all-linear, 60 steps, lr 1e-3): 800 order rows, half from the wide pools (rich), 40% copy-teaching, 10% the first
+# pools, all broadly phrased, plus 15% replay rows. Scored on orders_ood.jsonl / orders_independent.jsonl /
+# orders_independent2.jsonl: 78.3% / 73.8% / 61.0%, against 63.3% / 33.8% / 28.0% for the previous recipe (copy 0.5 +
+# broad, 400 rows, 30 steps at lr 5e-4) and 56.7% / 7.5% / - for the plain one (--copy-share 0 --no-broad
+# --rich-share 0 --replay-share 0 --train 400). 60 rows: +-6 points; 80: +-5; 100: +-5.
+DEFAULT_COPY_SHARE = 0.4
 DEFAULT_BROAD = True
-DEFAULT_RICH_SHARE = 0.0
-DEFAULT_REPLAY_SHARE = 0.0
+DEFAULT_RICH_SHARE = 0.5
+DEFAULT_TRAIN_ROWS = 800
+DEFAULT_REPLAY_SHARE = 0.15
 REPLAY_FILE = Path(__file__).resolve().parent / "data" / "general_replay.jsonl"
 
 
 def generate(seed: int, n_train: int, n_eval: int, copy_share: float = DEFAULT_COPY_SHARE,
              broad: bool = DEFAULT_BROAD, compound_share: float = 0.0,
-             rich_share: float = 0.0) -> tuple[list[dict], list[dict]]:
+             rich_share: float = DEFAULT_RICH_SHARE) -> tuple[list[dict], list[dict]]:
     """Return (train, eval) rows; no user sentence appears twice across both splits.
 
     `copy_share` of the train rows are copy-teaching orders (their own random stream, then shuffled in);
@@ -671,7 +691,7 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=400, help="number of training rows")
+    parser.add_argument("--train", type=int, default=DEFAULT_TRAIN_ROWS, help="number of order rows in train")
     parser.add_argument("--eval", type=int, default=60, help="number of evaluation rows")
     parser.add_argument("--ood", type=int, default=60, help="number of out-of-distribution evaluation rows")
     parser.add_argument("--copy-share", type=float, default=DEFAULT_COPY_SHARE,

@@ -109,7 +109,7 @@ def test_generalisation_variants_are_valid_runs_and_tabulate():
         "sets": {"in_distribution": {"accuracy": 1.0, "stderr": 0.0, "correct": 30, "total": 30},
                  "out_of_distribution": {"accuracy": 34 / 60, "stderr": 0.064, "correct": 34, "total": 60}}}}}
     row = generalisation.table(results).splitlines()[2]
-    assert row == "| baseline | 100.0 ± 0.0 (30/30) | 56.7 ± 6.4 (34/60) | - | 100 | 191 | n |"
+    assert row == "| baseline | 100.0 ± 0.0 (30/30) | 56.7 ± 6.4 (34/60) | - | - | 100 | 191 | n |"
 
 
 def test_run_worker_kills_a_worker_above_its_rss_limit_and_names_the_phase(tmp_path):

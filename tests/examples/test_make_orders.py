@@ -25,7 +25,8 @@ def mo() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def splits(mo: ModuleType) -> tuple[list[dict], list[dict]]:
-    return mo.generate(seed=0, n_train=400, n_eval=60)
+    """The previous quickstart's recipe (copy-teaching + broad phrasing, 400 rows); the wide pools: rich_splits."""
+    return mo.generate(seed=0, n_train=400, n_eval=60, copy_share=0.5, broad=True, rich_share=0.0)
 
 
 def _user(row: dict) -> str:
@@ -96,7 +97,7 @@ def test_user_mentions_quantity_item_colour_and_city(mo: ModuleType, splits) -> 
 
 @pytest.fixture(scope="module")
 def copy_splits(mo: ModuleType) -> tuple[list[dict], list[dict]]:
-    return mo.generate(seed=0, n_train=400, n_eval=60, copy_share=0.5, broad=True)
+    return mo.generate(seed=0, n_train=400, n_eval=60, copy_share=0.5, broad=True, rich_share=0.0)
 
 
 def test_copy_recipe_rows_are_canonical_and_mention_their_values(mo: ModuleType, copy_splits) -> None:
@@ -120,7 +121,7 @@ def test_copy_teaching_share_and_made_up_values(mo: ModuleType, copy_splits) -> 
 
 
 def test_compound_share_makes_two_word_items(mo: ModuleType) -> None:
-    compound, _ = mo.generate(0, 400, 60, copy_share=0.5, broad=True, compound_share=0.2)
+    compound, _ = mo.generate(0, 400, 60, copy_share=0.5, broad=True, compound_share=0.2, rich_share=0.0)
     two_words = [a for a in map(_answer, compound) if " " in a["item"]]
     assert 0.1 * 200 < len(two_words) < 0.3 * 200
     assert all(a["item"].split()[-1] in mo.ITEMS for a in two_words)
@@ -128,7 +129,7 @@ def test_compound_share_makes_two_word_items(mo: ModuleType) -> None:
 
 def test_plain_recipe_reproduces_the_first_quickstart_data(mo: ModuleType) -> None:
     """--copy-share 0 --no-broad is the generator before copy-teaching: its files' sha256."""
-    train, eval_rows = mo.generate(0, 400, 60, copy_share=0.0, broad=False)
+    train, eval_rows = mo.generate(0, 400, 60, copy_share=0.0, broad=False, rich_share=0.0)
     digest = {name: hashlib.sha256("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
               .hexdigest() for name, rows in (("train", train), ("eval", eval_rows))}
     assert digest == {"train": "3c53b7584880be22bedfc26d42d7b7099ca782abfc82fb4924e1c8a53bf8ca56",
@@ -185,17 +186,16 @@ def test_main_writes_files_atomically(mo: ModuleType, tmp_path: Path) -> None:
     data = tmp_path / "data"
     assert sorted(p.name for p in data.iterdir()) == ["orders_eval.jsonl", "orders_ood.jsonl", "orders_train.jsonl"]
     train = [json.loads(line) for line in (data / "orders_train.jsonl").read_text().splitlines()]
-    assert train == mo.generate(3, 20, 5)[0]
+    assert train == mo.mix_in_replay(mo.generate(3, 20, 5)[0], mo.REPLAY_FILE, mo.DEFAULT_REPLAY_SHARE, seed=3)
     ood = [json.loads(line) for line in (data / "orders_ood.jsonl").read_text().splitlines()]
     assert ood == mo.generate_ood(3, 60)
 
 
-def test_committed_files_match_default_generation(mo: ModuleType, splits) -> None:
-    data = SCRIPT.parent / "data"
-    for name, rows in (("orders_train.jsonl", splits[0]), ("orders_eval.jsonl", splits[1]),
-                       ("orders_ood.jsonl", mo.generate_ood(0, 60))):
-        lines = (data / name).read_text(encoding="utf-8").splitlines()
-        assert [json.loads(line) for line in lines] == rows
+def test_committed_files_match_default_generation(mo: ModuleType, tmp_path: Path) -> None:
+    """`python examples/make_orders.py` with its defaults rewrites the committed files byte for byte."""
+    mo.main(["--out-dir", str(tmp_path)])
+    for name in ("orders_train.jsonl", "orders_eval.jsonl", "orders_ood.jsonl"):
+        assert (tmp_path / "data" / name).read_bytes() == (SCRIPT.parent / "data" / name).read_bytes(), name
 
 
 def test_disjoint_even_when_collisions_are_likely(mo: ModuleType, monkeypatch) -> None:
@@ -205,7 +205,7 @@ def test_disjoint_even_when_collisions_are_likely(mo: ModuleType, monkeypatch) -
     monkeypatch.setattr(mo, "CITIES", ("Oslo", "Lisbon"))
     monkeypatch.setattr(mo, "TEMPLATES", mo.TEMPLATES[:1])
     monkeypatch.setattr(mo, "HELD_OUT_PAIRS", (("teapot", "Lisbon"),))
-    train, eval_rows = mo.generate(seed=0, n_train=100, n_eval=20, copy_share=0.0, broad=False)
+    train, eval_rows = mo.generate(seed=0, n_train=100, n_eval=20, copy_share=0.0, broad=False, rich_share=0.0)
     users = [_user(r) for r in train + eval_rows]
     assert len(set(users)) == len(users) == 120
 
@@ -270,7 +270,7 @@ INDEPENDENT_FILES = [SCRIPT.parent / "data" / name for name in ("orders_independ
 
 @pytest.fixture(scope="module")
 def rich_splits(mo: ModuleType) -> tuple[list[dict], list[dict]]:
-    return mo.generate(seed=0, n_train=600, n_eval=60, copy_share=0.4, broad=True, rich_share=0.3)
+    return mo.generate(seed=0, n_train=600, n_eval=60, copy_share=0.4, broad=True, rich_share=0.5)
 
 
 def _rich_quantity_forms(mo: ModuleType, q: int) -> set[str]:
