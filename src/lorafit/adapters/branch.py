@@ -36,20 +36,21 @@ def adapter_forward(x2: torch.Tensor, lora_a: torch.Tensor, dropout_p: float):
     return h, keep, inv
 
 
-def adapter_backward(ctx, g: torch.Tensor, x: torch.Tensor, keep, inv: float, h: torch.Tensor,
-                     lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float):
+def adapter_backward(g: torch.Tensor, x: torch.Tensor, keep, inv: float, h: torch.Tensor, lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, scaling: float, *, need_x: bool, need_a: bool):
     """Gradients of scaling · h Bᵀ for an upstream g (T, out): (grad wrt the masked input before the mask, grad A, grad B).
 
     The first item is (T, in) and still has to be multiplied by the keep mask; callers may add their own term first.
+    need_x / need_a: whether the input's and A's gradients are wanted (None is returned for the others).
     """
     dtype = h.dtype
     grad_b = (g.t() @ h).mul_(scaling).to(lora_b.dtype)  # (out, r)
     gh = (g @ lora_b.to(dtype)).mul_(scaling * inv)  # (T, r)
     grad_a = grad_x = None
-    if ctx.needs_input_grad[2]:
+    if need_a:
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         grad_a = (gh.t() @ (x2 * keep if keep is not None else x2)).to(lora_a.dtype)  # (r, in)
-    if ctx.needs_input_grad[1]:
+    if need_x:
         grad_x = gh @ lora_a.to(dtype)  # (T, in)
     return grad_x, grad_a, grad_b
 

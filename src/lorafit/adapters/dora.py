@@ -88,7 +88,8 @@ class _DoraBranch(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (T, out)
         factor = (magnitude / norm).to(dtype)
         gf = g * factor  # gradient reaching (W0 + s·B A) dropout(x)
-        grad_x, grad_a, grad_b = adapter_backward(ctx, gf, x, keep, ctx.inv, h, lora_a, lora_b, ctx.scaling)
+        grad_x, grad_a, grad_b = adapter_backward(gf, x, keep, ctx.inv, h, lora_a, lora_b, ctx.scaling,
+                                                  need_x=ctx.needs_input_grad[1], need_a=ctx.needs_input_grad[2])
         grad_base = grad_bias = grad_m = None
         if not ctx.dropped_z:
             grad_base = gf.view(grad_out.shape)  # y depends on base_out only through f ⊙ (base_out - bias)

@@ -38,7 +38,7 @@ import torch
 
 from lorafit.adapters.targets import name_matches
 from lorafit.config import ConfigError
-from lorafit.distributed import STRATEGIES
+from lorafit.device import head_chunk_rows
 from lorafit.diagnose.model_shape import (
     ATTENTION_LINEARS,
     BLOCK_LINEARS,
@@ -46,7 +46,7 @@ from lorafit.diagnose.model_shape import (
     ModelShape,
     model_shape,
 )
-from lorafit.device import head_chunk_rows
+from lorafit.distributed import STRATEGIES
 from lorafit.models.frozen_16bit import kept_dtype, slice_bytes
 
 GB = 1e9
@@ -283,8 +283,9 @@ def block_activation_bytes(
 
     Follows transformers' Llama code with SDPA attention and lorafit's LoRA branch: a frozen linear keeps nothing,
     an adapted one keeps its input x and x·Aᵀ (and a 1-byte dropout mask); RMSNorm keeps its input in fp32 and
-    1/rms; SDPA keeps q, k, v, its output and a per-head fp32 log-sum-exp. Blocks before the first adapter keep
-    nothing that needs gradients.
+    1/rms; SDPA keeps q, k, v, its output and a per-head fp32 log-sum-exp; with adapters the MLP's
+    down(silu(gate) ⊙ up) is lorafit's fused function, which keeps gate and up only. Blocks before the first adapter
+    keep nothing that needs gradients.
     """
     tokens, a = batch * seq, act_bytes
     h, i = shape.hidden_size, shape.intermediate_size
@@ -309,8 +310,11 @@ def block_activation_bytes(
         block += tokens * a * h if names & {"gate_proj", "up_proj"} else 0  # the normed input shared by gate/up
         gate = grad_flows or "gate_proj" in names
         up = grad_flows or "up_proj" in names
-        block += tokens * a * i * (2 * gate + up)  # silu keeps gate's output; the product keeps silu(gate) and up
-        block += tokens * a * i if "down_proj" in names else 0
+        down = "down_proj" in names
+        if full:  # stock autograd: silu keeps gate's output; the product keeps silu(gate) and up; down its input
+            block += tokens * a * i * (2 * gate + up + down)
+        else:  # lorafit's fused tail (adapters/swiglu.py): gate and up, or p alone when only the down adapter trains
+            block += tokens * a * i * (2 if gate or (up and down) else 1 if up or down else 0)
         grad_flows = grad_flows or bool(names & {"gate_proj", "up_proj", "down_proj"})
         if not full:  # the LoRA branch: x·Aᵀ per adapted linear, and a 1-byte keep mask of x under dropout
             block += tokens * sum(a * r + (fan_in[n] if dropout > 0 else 0) for n in names)

@@ -1,0 +1,145 @@
+"""A gated MLP's tail as one autograd function: down(silu(gate) ⊙ up), down being a frozen linear or a LoRA layer.
+
+Stock autograd keeps three (tokens x intermediate) tensors per MLP for this tail: silu's input (gate), the product's
+two factors (silu(gate) and up), and the LoRA down_proj keeps its input p = silu(gate) ⊙ up as well. Here the
+backward pass recomputes silu(gate) and p from gate and up (two pointwise passes), so the tail keeps gate and up
+only: half the MLP's activations. When neither gate nor up needs a gradient it keeps p alone (what the LoRA
+down_proj needs for A's gradient).
+
+`fuse_gated_mlps` installs the fused forward on every Llama-style MLP of a model when lorafit attaches adapters
+(`unfuse_gated_mlps` removes it). The forward computes exactly what the stock module does (same ops, same dtypes,
+autocast as it stands for the base layer, as `lora_branch` for the adapter); a down_proj the fused path does not
+cover (DoRA, a trained bias, a base other than nn.Linear or lorafit's Linear4bit, e.g. bitsandbytes') falls back to
+the stock forward at call time.
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lorafit.adapters.branch import (
+    adapter_backward,
+    adapter_forward,
+    dense_weight,
+    masked_input_grad,
+)
+from lorafit.adapters.lora import LoraLinear
+from lorafit.quant.linear4bit import Linear4bit
+
+# transformers' MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
+GATED_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+SILU_CLASSES = frozenset({"SiLU", "SiLUActivation"})
+FUSED_ATTR = "lorafit_fused_swiglu"
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """base(p) + scaling · dropout(p) Aᵀ Bᵀ with p = silu(gate) ⊙ up; A, B None for a frozen down layer alone."""
+
+    @staticmethod
+    def forward(ctx, gate, up, lora_a, lora_b, base_layer, scaling: float, dropout_p: float):
+        product = F.silu(gate) * up  # (..., inter): what the stock forward computes, in gate's dtype
+        out = base_layer(product)  # under the caller's autocast, as the stock forward
+        keep = h = None
+        inv = 1.0
+        if lora_a is not None:
+            out_features, inter = out.shape[-1], product.shape[-1]
+            with torch.autocast(out.device.type, enabled=False):  # as lora_branch: the adapter in the output's dtype
+                h, keep, inv = adapter_forward(product.reshape(-1, inter).to(out.dtype), lora_a, dropout_p)
+                out = torch.addmm(out.reshape(-1, out_features), h, lora_b.to(out.dtype).t(), alpha=scaling)
+            out = out.view(*product.shape[:-1], out_features)
+        need_gate, need_up = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_adapter = lora_a is not None and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+        if need_gate or (need_up and need_adapter):
+            ctx.save_for_backward(gate, up, None, keep, h, lora_a, lora_b)  # p and silu(gate) recomputed
+        elif need_up:
+            ctx.save_for_backward(gate, None, None, keep, h, lora_a, lora_b)  # silu(gate) recomputed
+        else:
+            ctx.save_for_backward(None, None, product if need_adapter else None, keep, h, lora_a, lora_b)
+        ctx.base_layer, ctx.scaling, ctx.inv = base_layer, scaling, inv
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, product, keep, h, lora_a, lora_b = ctx.saved_tensors
+        need_gate, need_up = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_inputs = need_gate or need_up
+        silu = sigmoid = None
+        if gate is not None:
+            wide = torch.promote_types(gate.dtype, torch.float32)  # the pointwise derivative in fp32 at least
+            sigmoid = torch.sigmoid(gate.to(wide))
+            silu = gate.to(wide) * sigmoid
+        dtype = h.dtype if h is not None else grad_out.dtype
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (T, out)
+        grad_p = g @ dense_weight(ctx.base_layer).to(dtype) if need_inputs else None  # (T, inter)
+        grad_a = grad_b = None
+        if lora_a is not None:
+            need_a = ctx.needs_input_grad[2]
+            if need_a and product is None:
+                product = F.silu(gate) * up  # p exactly as the forward computed it
+            grad_x, grad_a, grad_b = adapter_backward(g, product, keep, ctx.inv, h, lora_a, lora_b, ctx.scaling,
+                                                      need_x=need_inputs, need_a=need_a)
+            if grad_x is not None:
+                grad_p = grad_p.add_(masked_input_grad(grad_x, keep, grad_x))
+        grad_gate = grad_up = None
+        if need_inputs:
+            grad_p = grad_p.view(*grad_out.shape[:-1], -1).to(silu.dtype)
+            if need_up:
+                grad_up = (grad_p * silu).to(up.dtype if up is not None else gate.dtype)
+            if need_gate:  # d silu(x) / dx = sigmoid(x) (1 + x (1 - sigmoid(x)))
+                dsilu = sigmoid.mul_(gate.to(sigmoid.dtype).mul(sigmoid.neg().add_(1)).add_(1))
+                grad_gate = grad_p.mul_(up.to(grad_p.dtype)).mul_(dsilu).to(gate.dtype)
+        return grad_gate, grad_up, grad_a, grad_b, None, None, None
+
+
+def swiglu_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Module) -> torch.Tensor | None:
+    """down(silu(gate) ⊙ up) through the fused function, or None when `down` is a layer it does not cover."""
+    if isinstance(down, LoraLinear):
+        if down.use_dora:
+            return None
+        base = down.base_layer
+        active = not (down.merged or down.disabled)
+    else:
+        base, active = down, False
+    if type(base) is not nn.Linear and not isinstance(base, Linear4bit):  # layers whose input gradient we can form
+        return None
+    if any(param.requires_grad for param in base.parameters()):  # a trained bias (or a fully trained layer)
+        return None
+    if not active:
+        return _SwiGLUDown.apply(gate, up, None, None, base, 0.0, 0.0)
+    p = down.dropout if down.training else 0.0
+    return _SwiGLUDown.apply(gate, up, down.lora_A.weight, down.lora_B.weight, base, down.scaling, p)
+
+
+def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's forward with its tail fused; the class's own forward for a down_proj not covered."""
+    out = swiglu_down(self.gate_proj(x), self.up_proj(x), self.down_proj)
+    return type(self).forward(self, x) if out is None else out
+
+
+def is_gated_mlp(module: nn.Module) -> bool:
+    """A transformers MLP computing down_proj(silu(gate_proj(x)) * up_proj(x)) (GATED_MLP_CLASSES, SiLU act)."""
+    act = getattr(module, "act_fn", None)
+    return type(module).__name__ in GATED_MLP_CLASSES and type(act).__name__ in SILU_CLASSES
+
+
+def fuse_gated_mlps(model: nn.Module) -> int:
+    """Install the fused forward on every gated MLP of `model` (an instance attribute); returns how many."""
+    count = 0
+    for module in model.modules():
+        if is_gated_mlp(module) and not hasattr(module, FUSED_ATTR):
+            module.forward = MethodType(_fused_mlp_forward, module)
+            setattr(module, FUSED_ATTR, True)
+            count += 1
+    return count
+
+
+def unfuse_gated_mlps(model: nn.Module) -> None:
+    """Give every fused MLP its class's forward back."""
+    for module in model.modules():
+        if hasattr(module, FUSED_ATTR):
+            del module.forward
+            delattr(module, FUSED_ATTR)
