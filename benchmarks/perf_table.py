@@ -17,6 +17,7 @@ buffers then go back to the system when freed) to compare RSS without that noise
 
 Run (16 runs; on a quiet machine):
   MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/perf_table.py [--warmup 2 --steps 5] [--threads N] [--out PATH]
+  (--methods / --checkpointing / --dropouts run a subset of the cells)
 Writes benchmarks/results/perf_table.json and prints the table (markdown).
 """
 
@@ -69,9 +70,9 @@ CHECKPOINTING = (False, True)
 DEFAULT_OUT = RESULTS_DIR / "perf_table.json"
 
 
-def cells() -> list[tuple[str, bool, float]]:
-    """(method, checkpointing, dropout) of every row pair of the table."""
-    return [(method, ckpt, dropout) for method in METHODS for ckpt in CHECKPOINTING for dropout in DROPOUTS]
+def cells(methods=METHODS, checkpointing=CHECKPOINTING, dropouts=DROPOUTS) -> list[tuple[str, bool, float]]:
+    """(method, checkpointing, dropout) of every row pair of the table (all 8 by default)."""
+    return [(method, ckpt, dropout) for method in methods for ckpt in checkpointing for dropout in dropouts]
 
 
 def measure(library: str, method: str, checkpointing: bool, dropout: float, warmup: int, steps: int) -> dict[str, Any]:
@@ -107,17 +108,16 @@ def measure(library: str, method: str, checkpointing: bool, dropout: float, warm
     }
 
 
-def run_all(warmup: int, steps: int, threads: int) -> list[dict[str, Any]]:
+def run_all(all_cells: list[tuple[str, bool, float]], warmup: int, steps: int, threads: int) -> list[dict[str, Any]]:
     """Both libraries per cell, back to back, the order flipping from cell to cell."""
     runs = []
-    all_cells = cells()
     for i, (method, ckpt, dropout) in enumerate(all_cells):
         for library in LIBRARIES if i % 2 == 0 else LIBRARIES[::-1]:
             label = f"{method} ckpt={'on' if ckpt else 'off'} dropout={dropout} {library}"
             print(f"[{len(runs) + 1}/{2 * len(all_cells)}] {label} ...", file=sys.stderr, flush=True)
             run = run_worker(__file__, ["--library", library, "--method", method, "--dropout", str(dropout),
                                         "--warmup", str(warmup), "--steps", str(steps), "--threads", str(threads)]
-                             + (["--checkpointing"] if ckpt else []))
+                             + (["--with-checkpointing"] if ckpt else []))
             print(f"    {run['tokens_per_s']:.0f} tokens/s, allocator peak {run['allocator_peak_bytes'] / GB:.3f} GB, "
                   f"peak RSS {run['peak_rss_bytes'] / GB:.3f} GB", file=sys.stderr, flush=True)
             runs.append(run)
@@ -170,12 +170,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run (default 5)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads in every run (default: torch's default here)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="a subset of the table")
+    parser.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off", "on"],
+                        help="a subset of the table")
+    parser.add_argument("--dropouts", nargs="+", type=float, choices=DROPOUTS, default=list(DROPOUTS),
+                        help="a subset of the table")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--library", choices=LIBRARIES, help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--dropout", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--with-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.warmup < 0 or args.steps < 1 or args.threads < 1:
         parser.error("need --warmup >= 0, --steps >= 1 and --threads >= 1")
@@ -186,12 +191,13 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
-        emit_worker_result(measure(args.library, args.method, args.checkpointing, args.dropout, args.warmup,
+        emit_worker_result(measure(args.library, args.method, args.with_checkpointing, args.dropout, args.warmup,
                                    args.steps))
         return
     info = machine_info(torch.device("cpu"))
     start = time.perf_counter()
-    runs = run_all(args.warmup, args.steps, args.threads)
+    selected = cells(args.methods, tuple(c == "on" for c in args.checkpointing), args.dropouts)
+    runs = run_all(selected, args.warmup, args.steps, args.threads)
     bound = bound_tokens_per_s(MODEL, BATCH_SIZE, SEQ_LEN, RANK, torch.float32)
     for run in runs:
         run["share_of_bound"] = run["tokens_per_s"] / bound

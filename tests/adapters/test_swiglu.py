@@ -16,13 +16,9 @@ from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen3 import modeling_qwen3
 
 import lorafit
+from lorafit.adapters.fused import FUSED_ATTR, remove_fused_forwards
 from lorafit.adapters.lora import LoraLinear, lora_branch
-from lorafit.adapters.swiglu import (
-    FUSED_ATTR,
-    GATED_MLP_CLASSES,
-    swiglu_down,
-    unfuse_gated_mlps,
-)
+from lorafit.adapters.swiglu import GATED_MLP_CLASSES, is_gated_mlp, swiglu_down
 from lorafit.models import quantize_block_linears
 
 INTER, OUT, R, SCALING = 12, 7, 3, 2.0
@@ -175,6 +171,8 @@ def test_the_fused_tail_keeps_gate_and_up_only():
                                                       ("qwen2", 0.0, False), ("mistral", 0.1, False),
                                                       ("llama", 0.0, True), ("qwen2", 0.1, True)])
 def test_whole_model_loss_and_lora_gradients_equal_the_unfused_model(arch, dropout, quantized):
+    """attach installs the fused MLP tail and RMSNorm (adapters/fused.py); removing them gives the stock model, whose
+    loss and LoRA gradients (same dropout draws) the fused model matches within fp32 rounding."""
     model = build_tiny(arch)
     if quantized:  # QLoRA: lorafit's Linear4bit bases (the fused backward dequantises as Linear4bit's does)
         quantize_block_linears(model, double_quant=True, compute_dtype=torch.float32)
@@ -182,7 +180,7 @@ def test_whole_model_loss_and_lora_gradients_equal_the_unfused_model(arch, dropo
                    warn_scale=False)
     randomize_adapters(model)
     model.train()
-    mlps = [m for m in model.modules() if hasattr(m, FUSED_ATTR)]
+    mlps = [m for m in model.modules() if hasattr(m, FUSED_ATTR) and is_gated_mlp(m)]
     assert len(mlps) == model.config.num_hidden_layers
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -194,7 +192,7 @@ def test_whole_model_loss_and_lora_gradients_equal_the_unfused_model(arch, dropo
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     fused_loss, fused_grads = run()
-    unfuse_gated_mlps(model)
+    remove_fused_forwards(model)
     assert not any(hasattr(m, FUSED_ATTR) or "forward" in vars(m) for m in model.modules())
     stock_loss, stock_grads = run()
     torch.testing.assert_close(fused_loss, stock_loss, rtol=1e-6, atol=0)
@@ -213,7 +211,7 @@ def test_dora_and_trained_bias_fall_back_to_the_stock_forward():
     assert swiglu_down(torch.randn(4, INTER), torch.randn(4, INTER), dora) is None
     ids = torch.randint(0, 96, (1, 8))
     before = dora_model(input_ids=ids).logits
-    unfuse_gated_mlps(dora_model)
+    remove_fused_forwards(dora_model)
     torch.testing.assert_close(dora_model(input_ids=ids).logits, before, rtol=0, atol=0)
 
 

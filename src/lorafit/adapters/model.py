@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorafit.adapters.fused import install_fused_forwards, remove_fused_forwards
 from lorafit.adapters.init import initialize, original_base, restore_pissa_base
 from lorafit.adapters.lora import LoraLinear
-from lorafit.adapters.swiglu import fuse_gated_mlps, unfuse_gated_mlps
 from lorafit.adapters.targets import select_targets
 from lorafit.config import (
     AdapterConfig,
@@ -45,7 +45,7 @@ def attach(model: nn.Module, config: AdapterConfig, *, warn_scale: bool = True) 
         initialize(layer, config)
         _replace_module(model, name, layer)
     _set_bias_trainable(model, config.bias)
-    fuse_gated_mlps(model)  # activation memory: the MLP tail keeps gate and up only (adapters/swiglu.py)
+    install_fused_forwards(model)  # activation memory: fused MLP tail and RMSNorm (adapters/fused.py)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, TARGETS_ATTR, targets)
     return model
@@ -166,7 +166,7 @@ def _unwrap(model: nn.Module, merge_first: bool, dtype: torch.dtype | None = Non
             layer.unmerge()
             restore_pissa_base(layer)
         _replace_module(model, name, replacement)
-    unfuse_gated_mlps(model)
+    remove_fused_forwards(model)
     for attr in (CONFIG_ATTR, TARGETS_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -6,16 +6,13 @@ backward pass recomputes silu(gate) and p from gate and up (two pointwise passes
 only: half the MLP's activations. When neither gate nor up needs a gradient it keeps p alone (what the LoRA
 down_proj needs for A's gradient).
 
-`fuse_gated_mlps` installs the fused forward on every Llama-style MLP of a model when lorafit attaches adapters
-(`unfuse_gated_mlps` removes it). The forward computes exactly what the stock module does (same ops, same dtypes,
+adapters/fused.py installs the fused forward on every Llama-style MLP of a model when lorafit attaches adapters. The forward computes exactly what the stock module does (same ops, same dtypes,
 autocast as it stands for the base layer, as `lora_branch` for the adapter); a down_proj the fused path does not
 cover (DoRA, a trained bias, a base other than nn.Linear or lorafit's Linear4bit, e.g. bitsandbytes') falls back to
 the stock forward at call time.
 """
 
 from __future__ import annotations
-
-from types import MethodType
 
 import torch
 from torch import nn
@@ -33,7 +30,6 @@ from lorafit.quant.linear4bit import Linear4bit
 # transformers' MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
 GATED_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 SILU_CLASSES = frozenset({"SiLU", "SiLUActivation"})
-FUSED_ATTR = "lorafit_fused_swiglu"
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -114,7 +110,7 @@ def swiglu_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Module) -> torch.
     return _SwiGLUDown.apply(gate, up, down.lora_A.weight, down.lora_B.weight, base, down.scaling, p)
 
 
-def _fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The gated MLP's forward with its tail fused; the class's own forward for a down_proj not covered."""
     out = swiglu_down(self.gate_proj(x), self.up_proj(x), self.down_proj)
     return type(self).forward(self, x) if out is None else out
@@ -124,22 +120,3 @@ def is_gated_mlp(module: nn.Module) -> bool:
     """A transformers MLP computing down_proj(silu(gate_proj(x)) * up_proj(x)) (GATED_MLP_CLASSES, SiLU act)."""
     act = getattr(module, "act_fn", None)
     return type(module).__name__ in GATED_MLP_CLASSES and type(act).__name__ in SILU_CLASSES
-
-
-def fuse_gated_mlps(model: nn.Module) -> int:
-    """Install the fused forward on every gated MLP of `model` (an instance attribute); returns how many."""
-    count = 0
-    for module in model.modules():
-        if is_gated_mlp(module) and not hasattr(module, FUSED_ATTR):
-            module.forward = MethodType(_fused_mlp_forward, module)
-            setattr(module, FUSED_ATTR, True)
-            count += 1
-    return count
-
-
-def unfuse_gated_mlps(model: nn.Module) -> None:
-    """Give every fused MLP its class's forward back."""
-    for module in model.modules():
-        if hasattr(module, FUSED_ATTR):
-            del module.forward
-            delattr(module, FUSED_ATTR)
