@@ -18,7 +18,12 @@ from transformers.models.qwen3 import modeling_qwen3
 import lorafit
 from lorafit.adapters.fused import FUSED_ATTR, remove_fused_forwards
 from lorafit.adapters.lora import LoraLinear, lora_branch
-from lorafit.adapters.swiglu import GATED_MLP_CLASSES, is_gated_mlp, swiglu_down
+from lorafit.adapters.swiglu import (
+    GATED_MLP_CLASSES,
+    fused_down_arguments,
+    is_gated_mlp,
+    swiglu_down,
+)
 from lorafit.models import quantize_block_linears
 
 INTER, OUT, R, SCALING = 12, 7, 3, 2.0
@@ -202,17 +207,24 @@ def test_whole_model_loss_and_lora_gradients_equal_the_unfused_model(arch, dropo
 
 
 def test_dora_and_trained_bias_fall_back_to_the_stock_forward():
+    """A DoRA down_proj runs the stock MLP forward: gate and up once each, so the dropout draws are the stock ones."""
     dora = down_layer(True, dtype=torch.float32)
-    dora_model = build_tiny("llama")
-    lorafit.attach(dora_model, lorafit.AdapterConfig(r=4, alpha=8, use_dora=True), warn_scale=False)
-    gate, up = torch.randn(4, 48), torch.randn(4, 48)
-    assert swiglu_down(gate, up, dora_model.model.layers[0].mlp.down_proj) is None
     dora.base_layer = nn.Linear(INTER, OUT, bias=True)  # its bias trains
-    assert swiglu_down(torch.randn(4, INTER), torch.randn(4, INTER), dora) is None
-    ids = torch.randint(0, 96, (1, 8))
-    before = dora_model(input_ids=ids).logits
-    remove_fused_forwards(dora_model)
-    torch.testing.assert_close(dora_model(input_ids=ids).logits, before, rtol=0, atol=0)
+    assert fused_down_arguments(dora) is None
+    with pytest.raises(ValueError, match="does not cover"):
+        swiglu_down(torch.randn(4, INTER), torch.randn(4, INTER), dora)
+    model = build_tiny("llama")
+    lorafit.attach(model, lorafit.AdapterConfig(r=4, alpha=8, dropout=0.2, use_dora=True), warn_scale=False)
+    randomize_adapters(model)
+    model.train()
+    assert fused_down_arguments(model.model.layers[0].mlp.down_proj) is None
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(4)
+    fused_installed = model(input_ids=ids).logits
+    remove_fused_forwards(model)
+    torch.manual_seed(4)
+    stock = model(input_ids=ids).logits
+    torch.testing.assert_close(fused_installed, stock, rtol=1e-6, atol=1e-6)
 
 
 def test_detach_restores_the_class_forward():

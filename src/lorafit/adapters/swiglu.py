@@ -91,8 +91,9 @@ class _SwiGLUDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_a, grad_b, None, None, None
 
 
-def swiglu_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Module) -> torch.Tensor | None:
-    """down(silu(gate) ⊙ up) through the fused function, or None when `down` is a layer it does not cover."""
+def fused_down_arguments(down: nn.Module) -> tuple | None:
+    """_SwiGLUDown's (lora_a, lora_b, base_layer, scaling, dropout_p) for `down`, or None when it is a layer the
+    fused function does not cover (DoRA, a trained bias, a base other than nn.Linear or lorafit's Linear4bit)."""
     if isinstance(down, LoraLinear):
         if down.use_dora:
             return None
@@ -105,15 +106,26 @@ def swiglu_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Module) -> torch.
     if any(param.requires_grad for param in base.parameters()):  # a trained bias (or a fully trained layer)
         return None
     if not active:
-        return _SwiGLUDown.apply(gate, up, None, None, base, 0.0, 0.0)
-    p = down.dropout if down.training else 0.0
-    return _SwiGLUDown.apply(gate, up, down.lora_A.weight, down.lora_B.weight, base, down.scaling, p)
+        return None, None, base, 0.0, 0.0
+    return down.lora_A.weight, down.lora_B.weight, base, down.scaling, down.dropout if down.training else 0.0
+
+
+def swiglu_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Module) -> torch.Tensor:
+    """down(silu(gate) ⊙ up) through the fused function; `down` must be covered (fused_down_arguments)."""
+    arguments = fused_down_arguments(down)
+    if arguments is None:
+        raise ValueError(f"the fused MLP tail does not cover a {type(down).__name__} down layer: "
+                         "check fused_down_arguments first")
+    return _SwiGLUDown.apply(gate, up, *arguments)
 
 
 def fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The gated MLP's forward with its tail fused; the class's own forward for a down_proj not covered."""
-    out = swiglu_down(self.gate_proj(x), self.up_proj(x), self.down_proj)
-    return type(self).forward(self, x) if out is None else out
+    """The gated MLP's forward with its tail fused; the class's own forward for a down_proj not covered (decided
+    before anything runs, so that gate and up, and their dropout draws, happen once)."""
+    arguments = fused_down_arguments(self.down_proj)
+    if arguments is None:
+        return type(self).forward(self, x)
+    return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), *arguments)
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
