@@ -15,7 +15,9 @@ loss (benchmarks/adapter_overhead.py builds both). Checkpointing is transformers
 RSS depends on glibc's malloc, which keeps freed blocks in its heap: run with MALLOC_MMAP_THRESHOLD_=65536 (large
 buffers then go back to the system when freed) to compare RSS without that noise; the setting is recorded.
 
-Run (16 runs; on a quiet machine):
+Run (16 runs; on a quiet machine, about 25 minutes on a 2-core CPU: ~8 steps of 6-15 s per run, plus loading and
+the bound; a one-cell check, `--methods lora --checkpointing on --dropouts 0.05 --warmup 0 --steps 1 --threads 1`,
+took 6 minutes at load average 5):
   MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/perf_table.py [--warmup 2 --steps 5] [--threads N] [--out PATH]
   (--methods / --checkpointing / --dropouts run a subset of the cells)
 Writes benchmarks/results/perf_table.json and prints the table (markdown).
