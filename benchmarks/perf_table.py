@@ -89,8 +89,8 @@ def measure(library: str, method: str, checkpointing: bool, dropout: float, warm
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     input_ids = random_batch(model.config.vocab_size, device)
     step = partial(train_step, model, optimizer, input_ids, None, library == "lorafit")
+    windowed = reset_peak_rss()  # then the baseline: the window's peak is at least what it reads
     baseline_rss = current_rss_bytes()
-    windowed = reset_peak_rss()
     emit_phase("steps")
     cpu_start = time.process_time()
     times, losses = time_steps(step, device, warmup, steps)
