@@ -21,8 +21,8 @@ from lorafit.adapters.branch import dense_weight
 from lorafit.adapters.lora import LoraLinear, lora_branch
 from lorafit.config import AdapterConfig, ConfigError
 from lorafit.device import default_compute_dtype
-from lorafit.lowrank import add_low_rank, principal_factors
 from lorafit.quant.linear4bit import Linear4bit
+from lorafit.lowrank import add_low_rank, principal_factors
 from lorafit.quant.loftq import loftq_quantized
 
 PISSA_A0, PISSA_B0 = "pissa_initial_A", "pissa_initial_B"  # the layer buffers pissa_init registers
