@@ -4,6 +4,7 @@ roofline.py's sum over matmul shapes, and the model shape presets."""
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,41 @@ def test_run_worker_kills_a_worker_above_its_rss_limit_and_names_the_phase(tmp_p
     killed = common.run_worker(script, [str(400 * 2**20)], rss_limit=200 * 10**6)
     assert killed["error"] == "failed at allocate: RSS > 0.2 GB" and killed["killed_rss"] > 200 * 10**6
     assert common.run_worker(script, [str(2**20)], rss_limit=200 * 10**6) == {"held": 2**20}
+
+
+@pytest.mark.parametrize("method, checkpointing, dropout", [("lora", False, 0.05), ("dora", True, 0.0)])
+def test_perf_table_worker_measures_a_tiny_model_and_tabulates(method, checkpointing, dropout, monkeypatch):
+    """benchmarks/perf_table.py's worker on a tiny Llama (build_model patched): finite timings and losses, an
+    allocator peak above zero, RSS readings, and the closing table's lorafit/PEFT ratios from the two runs."""
+    import adapter_overhead
+    import perf_table
+    from tiny_models import build_tiny
+
+    def tiny_build(library, config, device):
+        model = build_tiny("llama")
+        if library == "peft":
+            from peft import LoraConfig, get_peft_model
+
+            return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=config.dropout,
+                                                    target_modules="all-linear", use_dora=config.method == "dora")).train()
+        import lorafit
+
+        adapter = lorafit.AdapterConfig(r=4, alpha=8, dropout=config.dropout, use_dora=config.method == "dora")
+        return lorafit.attach(model, adapter, warn_scale=False).train()
+
+    monkeypatch.setattr(perf_table, "build_model", tiny_build)
+    monkeypatch.setattr(perf_table, "SEQ_LEN", 16)  # the tiny model's 64 positions
+    monkeypatch.setattr(adapter_overhead, "SEQ_LEN", 16)
+    runs = [perf_table.measure(library, method, checkpointing, dropout, warmup=1, steps=2)
+            for library in perf_table.LIBRARIES]
+    for run in runs:
+        assert len(run["step_times_s"]) == 2 and all(t > 0 for t in run["step_times_s"])
+        assert all(math.isfinite(loss) for loss in run["losses"]) and len(run["losses"]) == 3
+        assert run["allocator_peak_bytes"] > 0 and run["peak_rss_bytes"] >= run["baseline_rss_bytes"] > 0
+        run["share_of_bound"] = run["tokens_per_s"] / 1e6
+    ratio = perf_table.ratios(runs)[(method, checkpointing, dropout)]
+    assert ratio["speed"] == pytest.approx(runs[0]["tokens_per_s"] / runs[1]["tokens_per_s"])
+    assert ratio["allocator_peak"] == pytest.approx(runs[0]["allocator_peak_bytes"] / runs[1]["allocator_peak_bytes"])
+    assert ratio["first_loss_diff"] < 1e-4  # B = 0: both start at the base model's loss on the same batch
+    table = perf_table.closing_table(runs)
+    assert len(table.splitlines()) == 4 and f"{ratio['speed']:.2f}" in table.splitlines()[2]

@@ -287,9 +287,11 @@ def test_lora_activations_equal_autograd_saved_tensors(arch, targets, precision,
     lorafit.attach(model, lorafit.AdapterConfig(r=4, alpha=8, dropout=dropout, target_modules=targets), warn_scale=False)
     batch, seq = 2, 12
     measured = saved_bytes(model, *batch_inputs(batch, seq, packed))
+    act_bytes = 2 if precision == "bf16" else 4
     estimate = activation_bytes(shape, adapted_linears(shape, targets), r=4, batch=batch, seq=seq,
-                                act_bytes=2 if precision == "bf16" else 4, dropout=dropout, attention_mask=packed)
-    assert estimate == measured
+                                act_bytes=act_bytes, dropout=dropout, attention_mask=packed)
+    final_output = batch * seq * act_bytes * shape.hidden_size  # the final norm keeps it; the estimate's head bucket counts it
+    assert estimate + final_output == measured
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -312,6 +314,7 @@ def test_checkpointing_keeps_block_inputs_then_rebuilds_one_block(packed, tmp_pa
     measured = saved_bytes(model, *batch_inputs(batch, seq, packed))  # the forward keeps only what checkpointing stores
     # cos/sin stay alive as arguments held by every checkpoint, which saved-tensor hooks do not see
     rope = 2 * batch * seq * shape.head_dim * 4
+    measured -= batch * seq * 4 * shape.hidden_size  # the final norm's output, counted in the head's bucket
     adapted = adapted_linears(shape, "all-linear")
     kwargs = {"r": 4, "batch": batch, "seq": seq, "act_bytes": 4, "attention_mask": packed}
     rebuilt = max(block_activation_bytes(shape, adapted, **kwargs)[0])  # alive during one block's backward
@@ -423,7 +426,9 @@ def test_rank_batch_and_checkpointing_move_the_right_buckets():
     assert estimate_memory(LLAMA_3_8B, r=64, batch=1, seq=512).adapters == 4 * base.adapters
     doubled = estimate_memory(LLAMA_3_8B, r=16, batch=2, seq=512)
     assert doubled.activations == 2 * base.activations and doubled.weights == base.weights
-    assert estimate_memory(LLAMA_3_8B, r=16, seq=512, grad_checkpointing=True).activations < base.activations / 10
+    checkpointed = estimate_memory(LLAMA_3_8B, r=16, seq=512, grad_checkpointing=True).activations
+    # 32 block inputs and one rebuilt block against 32 blocks: 0.107 of it with lorafit's fused MLP tail and norms
+    assert checkpointed < base.activations / 9
     assert base.logits < base.logits_hf  # the chunked head never holds (tokens x vocab) logits
 
 

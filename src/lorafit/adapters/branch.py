@@ -23,33 +23,41 @@ def dropout_keep_mask(x: torch.Tensor, rate: float) -> tuple[torch.Tensor, float
     return (lanes >= threshold).view(x.shape), threshold / DROPOUT_LEVELS
 
 
+def adapter_dropout(x2: torch.Tensor, dropout_p: float) -> tuple[torch.Tensor | None, torch.Tensor, float]:
+    """(keep mask or None, x2 ⊙ keep (x2 itself without dropout), 1 / keep rate): dropout before its scaling."""
+    if dropout_p <= 0:
+        return None, x2, 1.0
+    keep, dropout_p = dropout_keep_mask(x2, dropout_p)  # (T, in) bool
+    return keep, x2 * keep, 1.0 / (1.0 - dropout_p)
+
+
+def low_rank_input(dropped: torch.Tensor, lora_a: torch.Tensor, inv: float) -> torch.Tensor:
+    """h = (x ⊙ keep) Aᵀ / keep rate, (T, r), from the masked input `dropped` (T, in)."""
+    h = dropped @ lora_a.to(dropped.dtype).t()
+    return h.mul_(inv) if inv != 1.0 else h
+
+
 def adapter_forward(x2: torch.Tensor, lora_a: torch.Tensor, dropout_p: float):
     """h = dropout(x) Aᵀ for x2 (T, in); returns (h, keep mask or None, 1 / keep rate)."""
-    keep, inv = None, 1.0
-    if dropout_p > 0:
-        keep, dropout_p = dropout_keep_mask(x2, dropout_p)  # (T, in) bool
-        x2 = x2 * keep
-        inv = 1.0 / (1.0 - dropout_p)
-    h = x2 @ lora_a.to(x2.dtype).t()  # (T, r)
-    if keep is not None:
-        h = h.mul_(inv)
-    return h, keep, inv
+    keep, dropped, inv = adapter_dropout(x2, dropout_p)
+    return low_rank_input(dropped, lora_a, inv), keep, inv
 
 
-def adapter_backward(ctx, g: torch.Tensor, x: torch.Tensor, keep, inv: float, h: torch.Tensor,
-                     lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float):
+def adapter_backward(g: torch.Tensor, x: torch.Tensor, keep, inv: float, h: torch.Tensor, lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, scaling: float, *, need_x: bool, need_a: bool):
     """Gradients of scaling · h Bᵀ for an upstream g (T, out): (grad wrt the masked input before the mask, grad A, grad B).
 
     The first item is (T, in) and still has to be multiplied by the keep mask; callers may add their own term first.
+    need_x / need_a: whether the input's and A's gradients are wanted (None is returned for the others).
     """
     dtype = h.dtype
     grad_b = (g.t() @ h).mul_(scaling).to(lora_b.dtype)  # (out, r)
     gh = (g @ lora_b.to(dtype)).mul_(scaling * inv)  # (T, r)
     grad_a = grad_x = None
-    if ctx.needs_input_grad[2]:
+    if need_a:
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         grad_a = (gh.t() @ (x2 * keep if keep is not None else x2)).to(lora_a.dtype)  # (r, in)
-    if ctx.needs_input_grad[1]:
+    if need_x:
         grad_x = gh @ lora_a.to(dtype)  # (T, in)
     return grad_x, grad_a, grad_b
 

@@ -15,8 +15,9 @@ from torch import nn
 
 from lorafit.adapters.branch import (
     adapter_backward,
-    adapter_forward,
+    adapter_dropout,
     dense_weight,
+    low_rank_input,
     masked_input_grad,
 )
 from lorafit.lowrank import add_low_rank, update_dtype
@@ -51,6 +52,11 @@ class _DoraBranch(torch.autograd.Function):
     the undropped input and only the DoRA correction sees the dropped one (PEFT's and NVlabs' forward). With
     `lowrank_only`, dropout reaches only h and z = base_out - bias as without dropout:
     y = bias + f ⊙ (W0 x + s·B A dropout(x)), which needs no W0·dropout(x) matmul (LoRA's cost).
+
+    Speed: every (tokens x out) tensor is one pass and, where autograd allows, one buffer reused: the bias terms of
+    the gradients come from one column sum of the upstream gradient, the magnitude gradient's product is written
+    into the buffer that then holds the returned gradient, and with PEFT's dropout f is folded into B (out x r)
+    instead of scaling the upstream gradient, and 1/keep-rate into addmm's beta.
     """
 
     @staticmethod
@@ -60,23 +66,21 @@ class _DoraBranch(torch.autograd.Function):
         dtype = base_out.dtype
         with torch.autocast(base_out.device.type, enabled=False):
             x2 = x.reshape(-1, in_features).to(dtype)  # (T, in)
-            h, keep, inv = adapter_forward(x2, lora_a, dropout_p)  # (T, r)
+            keep, dropped, inv = adapter_dropout(x2, dropout_p)  # dropped = x2 ⊙ keep (not yet scaled)
+            h = low_rank_input(dropped, lora_a, inv)  # (T, r)
             factor = (magnitude / norm).to(dtype)  # (out,)
             base2 = base_out.reshape(-1, out_features)  # (T, out)
             dropped_z = keep is not None and not lowrank_only  # PEFT's formula with dropout: z = W0 dropout(x)
             if not dropped_z:
                 z = base2 - bias.to(dtype) if bias is not None else base2
-            else:
-                z = ((x2 * keep) @ dense_weight(base_layer).to(dtype).t()).mul_(inv)  # (T, out): W0 dropout(x)
-            combined = torch.addmm(z, h, lora_b.to(dtype).t(), alpha=scaling)  # (T, out): (W0 + s·B A) x
-            if not dropped_z:
-                out = combined.mul_(factor)
+                out = torch.addmm(z, h, lora_b.to(dtype).t(), alpha=scaling).mul_(factor)  # f ⊙ (W0 + s·B A) x
                 if bias is not None:
                     out = out.add_(bias.to(dtype))
                 saved = out  # the output itself: (out - bias) / m = combined / norm for the magnitude gradient
             else:
-                out = torch.addcmul(base2 - z, combined, factor)
-                saved = combined
+                z = dropped @ dense_weight(base_layer).to(dtype).t()  # (T, out): W0 (x ⊙ keep), unscaled
+                saved = torch.addmm(z, h, lora_b.to(dtype).t(), beta=inv, alpha=scaling)  # (W0 + s·B A) dropout(x)
+                out = torch.sub(base2, z, alpha=inv, out=z).addcmul_(saved, factor)  # base - W0 dropout(x) + f ⊙ ...
         ctx.save_for_backward(x, keep, h, lora_a, lora_b, magnitude, norm, bias, saved)
         ctx.base_layer, ctx.scaling, ctx.inv, ctx.dropped_z = base_layer, scaling, inv, dropped_z
         return out.view(base_out.shape)
@@ -87,23 +91,37 @@ class _DoraBranch(torch.autograd.Function):
         dtype = h.dtype
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (T, out)
         factor = (magnitude / norm).to(dtype)
-        gf = g * factor  # gradient reaching (W0 + s·B A) dropout(x)
-        grad_x, grad_a, grad_b = adapter_backward(ctx, gf, x, keep, ctx.inv, h, lora_a, lora_b, ctx.scaling)
-        grad_base = grad_bias = grad_m = None
+        need_m, need_x, need_a = ctx.needs_input_grad[4], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_bias = bias is not None and ctx.needs_input_grad[6]
+        column_sum = g.sum(dim=0) if (bias is not None and (need_m or need_bias)) else None  # Σ_t g, (out,)
+        grad_bias = grad_m = None
+        product = torch.mul(g, saved) if need_m else None  # (T, out), its buffer reused below
         if not ctx.dropped_z:
+            if need_m:  # Σ_t g ⊙ (y - bias) / m
+                summed = product.sum(dim=0)
+                if bias is not None:
+                    summed = summed.sub_(column_sum * bias.to(dtype))
+                grad_m = (summed / magnitude.to(dtype)).to(magnitude.dtype)
+            if need_bias:
+                grad_bias = (column_sum * (1 - factor)).to(bias.dtype)  # the explicit bias term of y = bias + f ⊙ (...)
+            gf = torch.mul(g, factor, out=product) if product is not None else g * factor  # reaches (W0 + s·B A) x
+            grad_x, grad_a, grad_b = adapter_backward(gf, x, keep, ctx.inv, h, lora_a, lora_b, ctx.scaling,
+                                                      need_x=need_x, need_a=need_a)
             grad_base = gf.view(grad_out.shape)  # y depends on base_out only through f ⊙ (base_out - bias)
-            if ctx.needs_input_grad[4]:
-                shifted = saved - bias.to(dtype) if bias is not None else saved
-                grad_m = ((g * shifted).sum(dim=0) / magnitude.to(dtype)).to(magnitude.dtype)
-            if bias is not None and ctx.needs_input_grad[6]:
-                grad_bias = (g - gf).sum(dim=0).to(bias.dtype)  # the explicit bias term of y = bias + f ⊙ (...)
         else:
-            grad_base = grad_out
-            if ctx.needs_input_grad[4]:
-                grad_m = ((g * saved).sum(dim=0) / norm.to(dtype)).to(magnitude.dtype)
-            if ctx.needs_input_grad[1]:  # z = W0 dropout(x) enters y with weight (f - 1)
-                grad_z = (gf - g).mul_(ctx.inv) @ dense_weight(ctx.base_layer).to(dtype)  # (T, in)
+            if need_m:
+                grad_m = (product.sum(dim=0) / norm.to(dtype)).to(magnitude.dtype)
+            # the adapter sees g ⊙ f: f is folded into B for h's gradient and applied to B's (out x r) gradient
+            scaled_b = lora_b.to(dtype) * factor[:, None]
+            grad_x, grad_a, grad_b = adapter_backward(g, x, keep, ctx.inv, h, lora_a, scaled_b, ctx.scaling,
+                                                      need_x=need_x, need_a=need_a)
+            grad_b = grad_b.mul_(factor[:, None]).to(lora_b.dtype)
+            if need_x:  # z = W0 dropout(x) enters y with weight (f - 1)
+                weight_z = ((factor - 1) * ctx.inv)
+                scaled_g = torch.mul(g, weight_z, out=product) if product is not None else g * weight_z
+                grad_z = scaled_g @ dense_weight(ctx.base_layer).to(dtype)  # (T, in)
                 grad_x = grad_z if grad_x is None else grad_x.add_(grad_z)
+            grad_base = grad_out
         return (grad_base, masked_input_grad(grad_x, keep, x), grad_a, grad_b, grad_m, None, grad_bias,
                 None, None, None, None)
 

@@ -45,7 +45,8 @@ class _LoraBranch(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, keep, h, lora_a, lora_b = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(h.dtype)  # (T, out)
-        grad_x, grad_a, grad_b = adapter_backward(ctx, g, x, keep, ctx.inv, h, lora_a, lora_b, ctx.scaling)
+        grad_x, grad_a, grad_b = adapter_backward(g, x, keep, ctx.inv, h, lora_a, lora_b, ctx.scaling,
+                                                  need_x=ctx.needs_input_grad[1], need_a=ctx.needs_input_grad[2])
         return grad_out, masked_input_grad(grad_x, keep, x), grad_a, grad_b, None, None
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorafit.adapters.fused import install_fused_forwards, remove_fused_forwards
 from lorafit.adapters.init import initialize, original_base, restore_pissa_base
 from lorafit.adapters.lora import LoraLinear
 from lorafit.adapters.modules_to_save import (
@@ -68,6 +69,7 @@ def attach(model: nn.Module, config: AdapterConfig, *, warn_scale: bool = True) 
     _set_bias_trainable(model, config.bias)
     wrap_modules_to_save(model, saved)
     wrap_trainable_tokens(model, token_plan)
+    install_fused_forwards(model)  # activation memory: fused MLP tail and RMSNorm (adapters/fused.py)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, TARGETS_ATTR, targets)
     return model
@@ -205,6 +207,7 @@ def _unwrap(model: nn.Module, merge_first: bool, dtype: torch.dtype | None = Non
         _replace_module(model, name, replacement)
     unwrap_modules_to_save(model, keep_trained=merge_first, dtype=dtype)
     unwrap_trainable_tokens(model, merge=merge_first)
+    remove_fused_forwards(model)
     for attr in (CONFIG_ATTR, TARGETS_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)

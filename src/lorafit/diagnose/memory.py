@@ -38,7 +38,7 @@ import torch
 
 from lorafit.adapters.targets import name_matches
 from lorafit.config import ConfigError
-from lorafit.distributed import STRATEGIES
+from lorafit.device import head_chunk_rows
 from lorafit.diagnose.model_shape import (
     ATTENTION_LINEARS,
     BLOCK_LINEARS,
@@ -46,7 +46,7 @@ from lorafit.diagnose.model_shape import (
     ModelShape,
     model_shape,
 )
-from lorafit.device import head_chunk_rows
+from lorafit.distributed import STRATEGIES
 from lorafit.models.frozen_16bit import kept_dtype, slice_bytes
 
 GB = 1e9
@@ -268,7 +268,8 @@ def activation_bytes(
     dropout: float = 0.0,
     attention_mask: bool = True,
 ) -> int:
-    """Bytes autograd keeps for the backward pass of the decoder stack (blocks, final norm, rotary cos/sin).
+    """Bytes autograd keeps for the backward pass of the decoder stack (blocks, final norm, rotary cos/sin); with
+    adapters, the final norm's output (which it keeps) is the head's input, counted in `lorafit_head_bytes`.
 
     With checkpointing each block keeps only its input, and one block's activations are rebuilt at a time in
     the backward pass; without it, every block keeps what `block_activation_bytes` lists.
@@ -276,7 +277,7 @@ def activation_bytes(
     tokens, a = batch * seq, act_bytes
     blocks, grad_flows, rope = block_activation_bytes(shape, adapted, r=r, batch=batch, seq=seq, act_bytes=a, full=full,
                                                       dropout=dropout, attention_mask=attention_mask)
-    final = _norm_bytes(shape, tokens, a, full) if grad_flows else 0
+    final = _norm_bytes(shape, tokens, a, full, grad_flows, False, output_in_head=True)
     final += tokens * 8 if full else 0  # a trained embedding keeps the int64 token ids
     rope_bytes = 2 * tokens * shape.head_dim * a if rope else 0  # cos and sin, shared by every block
     if grad_checkpointing:
@@ -299,22 +300,21 @@ def block_activation_bytes(
     """Per block, the bytes autograd keeps; also whether gradients reach the final norm and the rotary cos/sin.
 
     Follows transformers' Llama code with SDPA attention and lorafit's LoRA branch: a frozen linear keeps nothing,
-    an adapted one keeps its input x and x·Aᵀ (and a 1-byte dropout mask); RMSNorm keeps its input in fp32 and
-    1/rms; SDPA keeps q, k, v, its output and a per-head fp32 log-sum-exp. Blocks before the first adapter keep
-    nothing that needs gradients.
+    an adapted one keeps its input x and x·Aᵀ (and a 1-byte dropout mask); RMSNorm keeps 1/rms and either its output
+    (lorafit's fused norm, with adapters) or its input in fp32 (stock, full fine-tuning); SDPA keeps q, k, v, its output and a per-head fp32 log-sum-exp; with adapters the MLP's
+    down(silu(gate) ⊙ up) is lorafit's fused function, which keeps gate and up only. Blocks before the first adapter
+    keep nothing that needs gradients.
     """
     tokens, a = batch * seq, act_bytes
-    h, i = shape.hidden_size, shape.intermediate_size
+    i = shape.intermediate_size
     q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     fan_in = {name: dims[0] for name, dims in shape.linear_shapes().items()}
-    norm = _norm_bytes(shape, tokens, a, full)
     grad_flows = full  # does the residual stream need gradients yet (full: the embedding is trained)
     rope = False
     blocks = []
     for names in adapted:
         qkv = names & {"q_proj", "k_proj", "v_proj"}
-        block = norm if grad_flows else 0
-        block += tokens * a * h if qkv else 0  # the normed input shared by q/k/v
+        block = _norm_bytes(shape, tokens, a, full, grad_flows, bool(qkv))  # and the normed input q/k/v keep
         rope = rope or grad_flows or bool(names & {"q_proj", "k_proj"})
         if grad_flows or qkv:  # q, k, v (K/V repeated to all heads when a mask rules out grouped-query SDPA), output
             block += tokens * (a * (2 * q_width + 2 * (q_width if attention_mask else kv_width)) + FP32 * shape.num_heads)
@@ -322,12 +322,14 @@ def block_activation_bytes(
         elif "o_proj" in names:
             block += tokens * a * q_width  # o_proj's input, which attention did not keep
         grad_flows = grad_flows or bool(qkv) or "o_proj" in names
-        block += norm if grad_flows else 0
-        block += tokens * a * h if names & {"gate_proj", "up_proj"} else 0  # the normed input shared by gate/up
+        block += _norm_bytes(shape, tokens, a, full, grad_flows, bool(names & {"gate_proj", "up_proj"}))
         gate = grad_flows or "gate_proj" in names
         up = grad_flows or "up_proj" in names
-        block += tokens * a * i * (2 * gate + up)  # silu keeps gate's output; the product keeps silu(gate) and up
-        block += tokens * a * i if "down_proj" in names else 0
+        down = "down_proj" in names
+        if full:  # stock autograd: silu keeps gate's output; the product keeps silu(gate) and up; down its input
+            block += tokens * a * i * (2 * gate + up + down)
+        else:  # lorafit's fused tail (adapters/swiglu.py): gate and up, or p alone when only the down adapter trains
+            block += tokens * a * i * (2 if gate or (up and down) else 1 if up or down else 0)
         grad_flows = grad_flows or bool(names & {"gate_proj", "up_proj", "down_proj"})
         if not full:  # the LoRA branch: x·Aᵀ per adapted linear, and a 1-byte keep mask of x under dropout
             block += tokens * sum(a * r + (fan_in[n] if dropout > 0 else 0) for n in names)
@@ -335,9 +337,23 @@ def block_activation_bytes(
     return blocks, grad_flows, rope
 
 
-def _norm_bytes(shape: ModelShape, tokens: int, act_bytes: int, trained: bool) -> int:
-    """RMSNorm keeps its input in fp32 (a copy when 16-bit) and fp32 1/rms; a trained weight also keeps x/rms."""
-    return tokens * (FP32 * shape.hidden_size + FP32 + (act_bytes * shape.hidden_size if trained else 0))
+def _norm_bytes(shape: ModelShape, tokens: int, act_bytes: int, full: bool, grad_flows: bool,
+                adapted_after: bool, output_in_head: bool = False) -> int:
+    """An RMSNorm's bytes with the normed output that adapted layers after it keep (adapted_after).
+
+    Stock autograd (full fine-tuning) keeps the input in fp32 (a copy when 16-bit), fp32 1/rms and, for the trained
+    weight, x/rms; the adapters keep the output besides. With adapters lorafit's fused norm (adapters/rmsnorm.py)
+    keeps its output, the very tensor the adapters keep, and 1/rms. grad_flows: the norm's input needs a gradient.
+    output_in_head: the output is the head's input, which `lorafit_head_bytes` counts (the final norm).
+    """
+    h = shape.hidden_size
+    kept_output = adapted_after or (grad_flows and not full and not output_in_head)
+    output = tokens * act_bytes * h if kept_output else 0
+    if not grad_flows:
+        return output
+    if full:
+        return tokens * (FP32 * h + FP32 + act_bytes * h) + output
+    return tokens * FP32 + output
 
 
 def lorafit_head_bytes(shape: ModelShape, tokens: int, act_bytes: int, upcast: bool = False) -> int:
