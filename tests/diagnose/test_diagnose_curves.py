@@ -120,6 +120,14 @@ CASES: dict[str, tuple[set[str], Case]] = {
         "rows": rows(exp_decay(0.3, floor=0.3), s, eval_loss=overfit_eval()), "config": LORA}),
     "eval stalls": ({"divergent_validation"}, lambda s: {
         "rows": rows(exp_decay(0.3, floor=0.3), s, eval_loss=stalled_eval()), "config": LORA}),
+    "eval learned, replay rows keep the train loss up (quickstart)": ({"healthy"}, lambda s: {
+        "rows": rows(early_plateau() / 1.6 * 0.14, s, eval_loss=exp_decay(0.05, 0.5, 0.011)), "config": LORA}),
+    "same train loss, no eval": ({"early_plateau"}, lambda s: {"rows": rows(early_plateau() / 1.6 * 0.14, s),
+                                                              "config": LORA}),
+    "eval stalls near zero": ({"healthy"}, lambda s: {
+        "rows": rows(exp_decay(0.3, floor=0.3), s, eval_loss=stalled_eval() / 12), "config": LORA}),
+    "eval rises from near zero": ({"divergent_validation"}, lambda s: {
+        "rows": rows(exp_decay(0.3, floor=0.3), s, eval_loss=overfit_eval() / 12), "config": LORA}),
     "4-bit stall, resume": ({"quantization_plateau"}, lambda s: {"rows": rows(stall_then_resume(), s), "config": NF4}),
     "4-bit gap to 16-bit": ({"quantization_plateau"}, lambda s: {
         "rows": rows(exp_decay(0.25) + 0.15, s), "config": NF4,

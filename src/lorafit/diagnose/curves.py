@@ -337,10 +337,13 @@ def _divergent(curve: _Curve | None, checkpoints: Mapping[int, str]) -> Finding 
         return None
     best = int(np.argmin(curve.eval_loss))
     best_step, best_loss = curve.eval_steps[best], float(curve.eval_loss[best])
+    rising = recent_level >= (1 + EVAL_RISE_FRAC) * best_loss
+    if not rising and _eval_converged(curve):
+        return None  # a held-out loss flat near zero is a learned task; the train loss may still fall on other rows
     evidence: dict[str, Any] = {
         "best_eval_step": _int(best_step), "best_eval_loss": _r(best_loss),
         "recent_eval_loss": _r(recent_level), "recent_from_step": _int(curve.eval_steps[-recent]),
-        "eval_trend": "rising" if recent_level >= (1 + EVAL_RISE_FRAC) * best_loss else "stalled",
+        "eval_trend": "rising" if rising else "stalled",
         "train_loss_then": _r(train_then), "train_loss_last": _r(train_last), "train_fall_fraction": _r(fall)}
     epoch = np.interp(best_step, curve.steps, curve.epoch) if np.isfinite(curve.epoch).all() else math.nan
     if math.isfinite(epoch):
@@ -425,6 +428,12 @@ def _slower_than_baseline(curve: _Curve | None, config: Mapping[str, Any], basel
             "steps_ratio": None if run_step is None else _r(run_step / base_step), "compared_up_to_step": _int(end)}
 
 
+def _eval_converged(curve: _Curve) -> bool:
+    """Whether the last eval_loss is below CONVERGED_FRAC of the starting train loss: the task the eval set measures
+    is learned, whatever rows (general replay, harder examples) keep the train loss above it."""
+    return len(curve.eval_loss) > 0 and float(curve.eval_loss[-1]) < CONVERGED_FRAC * curve.start
+
+
 def _early_plateau(curve: _Curve | None, blocks: _Blocks | None, config: Mapping[str, Any]) -> Finding | None:
     if curve is None or blocks is None:
         return None
@@ -432,6 +441,8 @@ def _early_plateau(curve: _Curve | None, blocks: _Blocks | None, config: Mapping
     early, tail = start - knee, knee - end
     if early < EARLY_DROP_MIN * start or tail > STALL_FRAC * early or end < CONVERGED_FRAC * start:
         return None
+    if _eval_converged(curve):
+        return None  # the held-out loss says the task is learned: the train loss's floor is other rows (e.g. replay)
     adapter = _section(config, "adapter")
     r = adapter.get("r")
     more_rank = f"raise adapter.r (e.g. to {2 * r})" if _positive_int(r) else "raise adapter.r (e.g. double it)"
