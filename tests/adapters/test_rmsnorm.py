@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from saved_tensors import saved_storage_bytes
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -105,18 +106,6 @@ def test_a_near_zero_or_trained_weight_uses_the_stock_forward():
     assert norm(x).grad_fn.name() != "_RMSNormBackward"
     remove_fused_forwards(norm)
     assert not hasattr(norm, FUSED_ATTR) and "forward" not in vars(norm)
-
-
-def saved_storage_bytes(fn) -> int:
-    kept: dict[int, torch.Tensor] = {}
-
-    def pack(tensor):
-        kept.setdefault(tensor.untyped_storage().data_ptr(), tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(t.untyped_storage().nbytes() for t in kept.values())
 
 
 def test_norm_and_the_adapter_after_it_keep_one_tensor():

@@ -7,6 +7,7 @@ import inspect
 
 import pytest
 import torch
+from saved_tensors import saved_storage_bytes
 from tiny_models import build_tiny, randomize_adapters
 from torch import nn
 from torch.nn import functional as F
@@ -141,18 +142,6 @@ def test_bf16_autocast_is_as_close_to_fp64_as_the_stock_tail():
         stock_error = (stock.double() - ref).abs().max()
         fused_error = (fused.double() - ref).abs().max()
         assert fused_error <= 1.1 * stock_error, (fused_error, stock_error)
-
-
-def saved_storage_bytes(fn) -> int:
-    kept: dict[int, torch.Tensor] = {}
-
-    def pack(tensor):
-        kept.setdefault(tensor.untyped_storage().data_ptr(), tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(t.untyped_storage().nbytes() for t in kept.values())
 
 
 def test_the_fused_tail_keeps_gate_and_up_only():

@@ -1,26 +1,20 @@
 """Tests for examples/make_orders.py (loaded from its path: examples/ is not a package)."""
 
 import hashlib
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from example_scripts import load_example
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "make_orders.py"
 
 
 @pytest.fixture(scope="module")
 def mo() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_orders", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations via sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_example("make_orders")
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,10 @@
 """Tests for examples/make_preferences.py (loaded from its path: examples/ is not a package)."""
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from example_scripts import load_example
 from tiny_models import tiny_chat_tokenizer
 
 from lorafit.data.preferences import read_preferences
@@ -15,12 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "make_preferences.py
 
 @pytest.fixture(scope="module")
 def mp() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_preferences", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("make_preferences")
 
 
 def test_deterministic_for_seed(mp):

@@ -1,14 +1,13 @@
 """Tests for examples/make_replay.py and its committed output examples/data/general_replay.jsonl (the script is
 loaded from its path: examples/ is not a package)."""
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from example_scripts import load_example
 import torch
 from tiny_models import save_tiny_chat_llama, tiny_chat_tokenizer
 from transformers import LlamaForCausalLM
@@ -30,12 +29,7 @@ TASK_KEYS = re.compile(r'"(item|color|quantity|city)"\s*:')
 
 @pytest.fixture(scope="module")
 def mr() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_replay", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("make_replay")
 
 
 def _normalised(text: str) -> str:

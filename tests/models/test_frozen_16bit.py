@@ -65,6 +65,22 @@ def assert_close_at_scale(ours: torch.Tensor, reference: torch.Tensor) -> None:
     assert (ours.double() - reference.double()).abs().max() <= 1e-5 * reference.abs().max()
 
 
+def compare_gradients(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Next-token loss (the chunked head loss) of both models on `x`, backward; asserts equal losses and trainable
+    gradients within assert_close_at_scale; returns the model's gradients by name."""
+    batch = {"input_ids": x, "targets": torch.roll(x, -1, dims=1)}
+    losses = [target_loss_sum(m, batch) for m in (model, reference)]
+    for loss in losses:
+        loss.backward()
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-6)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    ref_grads = {name: p.grad for name, p in reference.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in grads.items():
+        assert_close_at_scale(grad, ref_grads[name])
+    return grads
+
+
 def ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))
 
@@ -107,16 +123,7 @@ def test_logits_loss_and_adapter_gradients_equal_an_fp32_copy(tmp_path, tie):
         lorafit.attach(m, lorafit.AdapterConfig(r=4, alpha=8), warn_scale=False)
         randomize_adapters(m)  # B != 0: gradients reach every A
     x = ids()
-    batch = {"input_ids": x, "targets": torch.roll(x, -1, dims=1)}
-    losses = [target_loss_sum(m, batch) for m in (model, reference)]  # the chunked head loss
-    for loss in losses:
-        loss.backward()
-    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-6)
-    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
-    ref_grads = {name: p.grad for name, p in reference.named_parameters() if p.requires_grad}
-    assert grads.keys() == ref_grads.keys() and grads
-    for name, grad in grads.items():
-        assert_close_at_scale(grad, ref_grads[name])
+    compare_gradients(model, reference, x)
     with torch.no_grad():  # the head module itself (evaluation, generation, the stock loss)
         torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=1e-5, atol=1e-6)
 
@@ -195,15 +202,7 @@ def test_modules_to_save_train_fp32_copies_beside_the_frozen_16bit_originals(tmp
         assert wrapper.trained_copy.weight.dtype == torch.float32 and wrapper.trained_copy.weight.requires_grad
         assert torch.equal(wrapper.trained_copy.weight, wrapper.original_module.weight.float())
     x = ids()
-    batch = {"input_ids": x, "targets": torch.roll(x, -1, dims=1)}
-    losses = [target_loss_sum(m, batch) for m in (model, reference)]
-    for loss in losses:
-        loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
-    assert grads.keys() == ref_grads.keys() and "lm_head.trained_copy.weight" in grads
-    for name, grad in grads.items():
-        assert_close_at_scale(grad, ref_grads[name])
+    assert "lm_head.trained_copy.weight" in compare_gradients(model, reference, x)
     with torch.no_grad():
         for p in (p for p in model.parameters() if p.requires_grad):
             p.add_(torch.randn_like(p) * 0.05)
@@ -248,15 +247,7 @@ def test_trainable_token_rows_are_fp32_beside_the_frozen_16bit_tables(tmp_path, 
     assert rows.dtype == torch.float32 and torch.equal(rows, tables["model.embed_tokens.weight"][[3, 9, 41]].float())
     assert model.lm_head.owns_delta != tie  # tied: the head follows the embedding's rows
     x = torch.cat([torch.tensor([[3, 9, 41, 3]]), ids()[:1, :7]], dim=1)
-    batch = {"input_ids": x, "targets": torch.roll(x, -1, dims=1)}
-    losses = [target_loss_sum(m, batch) for m in (model, reference)]
-    for loss in losses:
-        loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
-    assert grads.keys() == ref_grads.keys() and "model.embed_tokens.trainable_tokens_delta" in grads
-    for name, grad in grads.items():
-        assert_close_at_scale(grad, ref_grads[name])
+    assert "model.embed_tokens.trainable_tokens_delta" in compare_gradients(model, reference, x)
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
     after = {n: p for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
     assert {n.replace(".base_layer", "") for n in after} == set(tables)
