@@ -70,7 +70,7 @@ def worker_load(model: str) -> dict[str, Any]:
     import lorafit
     from lorafit.device import return_freed_host_memory
 
-    return_freed_host_memory()  # as `lorafit train` does before it loads
+    return_freed_host_memory()  # as `lorafit train` with training.release_host_memory does before it loads
     measured: dict[str, Any] = {}
     loaded, _ = measured_load(lorafit.load_model, measured)(model, quantize="nf4", device="cpu")
     return {**measured, "parameters": sum(p.numel() for p in loaded.parameters())}
@@ -107,7 +107,7 @@ double_quant: true
 adapter: {{r: {R}, alpha: {ALPHA}, dropout: 0.0, target_modules: all-linear}}
 data: {{train: {data}, max_seq_len: {SEQ}, packing: true}}
 training: {{max_steps: {STEPS}, batch_size: 1, lr: {LR}, optimizer: {optimizer}, gradient_checkpointing: true,
-           bf16: false, log_every: 1}}
+           bf16: false, log_every: 1, release_host_memory: true}}
 evaluation: {{generation: false}}
 """)
     load: dict[str, Any] = {}

@@ -54,6 +54,7 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
         ("training.micro_batch_size=3", "must divide training.batch_size=16"),
         ("evaluation.metric=bleu", "evaluation.metric='bleu'"),
         ("training.compile=fast", "training.compile='fast'"),
+        ("training.release_host_memory=sometimes", "training.release_host_memory='sometimes'"),
         ("distributed.strategy=zero3", "distributed.strategy='zero3': use one of auto, ddp, fsdp"),
         ("distributed.timeout_minutes=0", "distributed.timeout_minutes=0.0 must be a positive"),
         ("distributed.cpu_offload=maybe", "distributed.cpu_offload='maybe' should be bool"),

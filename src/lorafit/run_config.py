@@ -57,6 +57,7 @@ class TrainingConfig:
     bf16: bool | str = "auto"  # autocast to bf16; auto = where bf16 is fast (device.bf16_worthwhile)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder block (train/compile.py); falls back to eager with a warning
+    release_host_memory: bool = False  # large freed host buffers straight back to the OS (device.return_freed_host_memory)
     seed: int = 0
     log_every: int = 1
     save_every: int = 0  # steps between checkpoints; 0 = only the final adapter
@@ -261,6 +262,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"training.schedule={t.schedule!r}: use one of {', '.join(SCHEDULES)}.")
     if not isinstance(t.compile, bool):
         raise ConfigError(f"training.compile={t.compile!r}: use true or false.")
+    if not isinstance(t.release_host_memory, bool):
+        raise ConfigError(f"training.release_host_memory={t.release_host_memory!r}: use true or false.")
     if t.optimizer not in OPTIMIZERS:
         raise ConfigError(f"training.optimizer={t.optimizer!r}: use one of {', '.join(OPTIMIZERS)}.")
     if t.bf16 not in (True, False, "auto"):

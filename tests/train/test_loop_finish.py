@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from lorafit.run_config import RunConfig, to_dict
+import pytest
+
+from lorafit.run_config import RunConfig, TrainingConfig, to_dict
 from lorafit.train import loop
 
 
@@ -34,3 +37,13 @@ def test_timed_adds_up_repeated_phases(tmp_path):
             pass
     assert state.result.phases["generation_s"] >= state.last_s["generation_s"] >= 0
     assert list(state.result.phases) == ["generation_s"]
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_host_memory_is_released_only_when_asked(tmp_path, monkeypatch, release):
+    """The fixed glibc mmap threshold costs page faults on every fresh buffer (2x the quickstart's CPU step): opt-in."""
+    calls = []
+    monkeypatch.setattr(loop, "return_freed_host_memory", lambda: calls.append(1) or True)
+    training = dataclasses.replace(TrainingConfig(), release_host_memory=release)
+    loop.begin_run(RunConfig(model="m", output_dir=str(tmp_path / "run"), training=training))
+    assert calls == ([1] if release else [])

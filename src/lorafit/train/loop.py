@@ -112,9 +112,11 @@ def begin_run(config: RunConfig, resume: bool = False, trust_checkpoint: bool = 
               overwrite: bool = False) -> RunState:
     """Join the process group (under torchrun), print the config checks, claim the run folder on rank 0
     (RunDir.claim: the lock, and a previous run is continued only with `resume` or replaced only with
-    `overwrite`), record the resolved config there (rank 0) and seed torch (the same seed on every rank); large
-    freed host buffers go back to the OS at once (device.return_freed_host_memory), so RSS tracks what is used."""
-    return_freed_host_memory()
+    `overwrite`), record the resolved config there (rank 0) and seed torch (the same seed on every rank). With
+    training.release_host_memory, large freed host buffers go back to the OS at once
+    (device.return_freed_host_memory): RSS tracks what is used, at the cost of page faults on every new buffer."""
+    if config.training.release_host_memory:
+        return_freed_host_memory()
     distributed.init(timeout_minutes=config.distributed.timeout_minutes, cpu_offload=config.distributed.cpu_offload)
     distributed.print_main(format_checks(check_run_config(config)))
     folder = RunDir(config.output_dir)
