@@ -1,14 +1,16 @@
 """Which levers make the quickstart adapter generalise: each variant of examples/quickstart.yaml trained and scored.
 
-A variant is a data recipe of examples/make_orders.py (copy-teaching share, broad phrasing) plus `key=value`
-overrides of the run file (the CLI's own override syntax). Each trains in its own `lorafit train` process
+A variant is a data recipe of examples/make_orders.py (copy-teaching, broad phrasing, wide pools, replay) plus
+`key=value` overrides of the run file (the CLI's own override syntax). Each trains in its own `lorafit train` process
 (its wall time and CPU time are measured; the CPU time is what a loaded machine does not inflate), then its
 adapter is loaded on the run's base (NF4 for quantize: nf4) and scored greedily by the run's metric on
   - in_distribution: the recipe's own eval split (real-vocabulary orders in the train phrasings),
   - out_of_distribution: examples/data/orders_ood.jsonl (held-out items, colours, cities, phrasings, 21-99),
-  - independent: examples/data/orders_independent.jsonl, 80 order sentences written without seeing the
-    generator (only with --sets independent: a final held-out check, never a tuning target, never trained on).
-No variant's train file holds a value of the OOD file (make_orders refuses every word of its pools).
+  - independent / independent2: examples/data/orders_independent.jsonl (80) and orders_independent2.jsonl (100),
+    order messages written without seeing the generator (only with --sets: never trained on; both guided the
+    wide pools' design and the choice of recipe, so they are development sets now; orders_independent3.jsonl,
+    written blind, is kept out of this script: benchmarks/results/generalisation_study.md).
+No variant's train file holds a value of the OOD file or of the two independent files (tests/examples).
 
 Run:  python benchmarks/generalisation.py --variants baseline copy_broad [--id-limit 30]
       python benchmarks/generalisation.py --variants copy_broad --score-only --sets independent
@@ -108,7 +110,7 @@ VARIANTS: dict[str, Variant] = {
     "rich50_800_60_lr1e-3_replay15": Variant(copy_share=0.4, broad=True, rich_share=0.5, train_rows=800,
                                              replay_share=0.15,
                                              overrides=("training.max_steps=60", "training.lr=1e-3"),
-                                             note="+ lr 1e-3, 15% replay rows, 8 more phrasings (forms): the quickstart"),
+                                             note="+ lr 1e-3, 15% replay, 8 form phrasings: the quickstart"),
 }
 
 
@@ -194,9 +196,11 @@ def table(results: dict[str, Any]) -> str:
     for name, entry in results["variants"].items():
         sets = entry["sets"]
         rows.append([name, _cell(sets.get("in_distribution")), _cell(sets.get("out_of_distribution")),
-                     _cell(sets.get("independent")), _cell(sets.get("independent2")), _seconds(entry.get("train_wall_s")), _seconds(entry.get("train_cpu_s")),
+                     _cell(sets.get("independent")), _cell(sets.get("independent2")),
+                     _seconds(entry.get("train_wall_s")), _seconds(entry.get("train_cpu_s")),
                      entry["note"]])
-    headers = ["variant", "ID %", "OOD % ± SE", "independent % ± SE", "independent2 % ± SE", "train wall s", "train CPU s", "what"]
+    headers = ["variant", "ID %", "OOD % ± SE", "independent % ± SE", "independent2 % ± SE", "train wall s",
+               "train CPU s", "what"]
     return markdown_table(headers, rows)
 
 

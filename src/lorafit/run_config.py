@@ -57,7 +57,7 @@ class TrainingConfig:
     bf16: bool | str = "auto"  # autocast to bf16; auto = where bf16 is fast (device.bf16_worthwhile)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder block (train/compile.py); falls back to eager with a warning
-    release_host_memory: bool = False  # large freed host buffers straight back to the OS (device.return_freed_host_memory)
+    release_host_memory: bool = False  # freed host buffers back to the OS at once (device.return_freed_host_memory)
     seed: int = 0
     log_every: int = 1
     save_every: int = 0  # steps between checkpoints; 0 = only the final adapter

@@ -259,7 +259,8 @@ def test_number_words(mo: ModuleType) -> None:
             mo.number_words(unspellable)
 
 
-INDEPENDENT_FILES = [SCRIPT.parent / "data" / name for name in ("orders_independent.jsonl", "orders_independent2.jsonl")]
+INDEPENDENT_FILES = [SCRIPT.parent / "data" / name
+                     for name in ("orders_independent.jsonl", "orders_independent2.jsonl")]
 
 
 @pytest.fixture(scope="module")
