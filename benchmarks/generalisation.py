@@ -71,6 +71,8 @@ class Variant:
 
 
 NEW = {"copy_share": 0.5, "broad": True}  # the previous quickstart's recipe (400 rows, 30 steps)
+QUICKSTART = {"copy_share": 0.4, "broad": True, "rich_share": 0.5, "train_rows": 800, "replay_share": 0.15}
+QUICKSTART_RUN = ("training.max_steps=60", "training.lr=1e-3")  # what examples/quickstart.yaml holds
 VARIANTS: dict[str, Variant] = {
     "baseline": Variant(note="the first quickstart: 400 rows of the 16 train phrasings, lr 1e-3, r16, 30 steps"),
     "copy": Variant(copy_share=0.5, note="half the rows order made-up items/colours/cities"),
@@ -111,6 +113,33 @@ VARIANTS: dict[str, Variant] = {
                                              replay_share=0.15,
                                              overrides=("training.max_steps=60", "training.lr=1e-3"),
                                              note="+ lr 1e-3, 15% replay, 8 form phrasings: the quickstart"),
+    # one lever at a time on the quickstart's recipe (session 5)
+    "qs_r8": Variant(**QUICKSTART, overrides=(*QUICKSTART_RUN, "adapter.r=8", "adapter.alpha=16"), note="+ r8 alpha16"),
+    "qs_r32": Variant(**QUICKSTART, overrides=(*QUICKSTART_RUN, "adapter.r=32", "adapter.alpha=64"),
+                      note="+ r32 alpha64"),
+    "qs_attention": Variant(**QUICKSTART, overrides=(*QUICKSTART_RUN,
+                                                     "adapter.target_modules=[q_proj,k_proj,v_proj,o_proj]"),
+                            note="+ attention-only targets"),
+    "qs_dora": Variant(**QUICKSTART, overrides=(*QUICKSTART_RUN, "adapter.use_dora=true"), note="+ DoRA"),
+    "qs_30steps": Variant(**QUICKSTART, overrides=("training.max_steps=30", "training.lr=1e-3"), note="30 steps"),
+    "qs_90steps": Variant(**QUICKSTART, overrides=("training.max_steps=90", "training.lr=1e-3"), note="90 steps"),
+    "qs_early_stop_id": Variant(**QUICKSTART, overrides=(
+        *QUICKSTART_RUN, "evaluation.every=5", "evaluation.early_stopping={patience: 2, monitor: eval_loss}"),
+        note="early stopping on the in-distribution held-out loss (every 5 steps, patience 2)"),
+    "qs_early_stop_ood": Variant(**QUICKSTART, overrides=(
+        *QUICKSTART_RUN, "evaluation.every=5", f"evaluation.sets={{out_of_distribution: {OOD_FILE}}}",
+        "evaluation.early_stopping={patience: 2, monitor: out_of_distribution}"),
+        note="early stopping on the OOD file's loss (every 5 steps, patience 2): selects on the test set"),
+    "qs_qlora": Variant(**QUICKSTART, config="quickstart_qlora.yaml", note="the QLoRA quickstart (NF4, LoftQ 1 iter)"),
+    "qs_qlora_lr2e-3": Variant(**QUICKSTART, config="quickstart_qlora.yaml", overrides=("training.lr=2e-3",),
+                               note="QLoRA + lr 2e-3"),
+    "qs_qlora_90steps": Variant(**QUICKSTART, config="quickstart_qlora.yaml", overrides=("training.max_steps=90",),
+                                note="QLoRA + 90 steps"),
+    "qs_qlora_loftq5": Variant(**QUICKSTART, config="quickstart_qlora.yaml", overrides=("adapter.loftq_iter=5",),
+                               note="QLoRA + 5 LoftQ iterations"),
+    "qs_qlora_plain": Variant(**QUICKSTART, config="quickstart_qlora.yaml",
+                                 overrides=("adapter.init=default", "adapter.alpha=32"),
+                                 note="QLoRA, PEFT default init (no LoftQ), alpha 32"),
 }
 
 
