@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
+import yaml
 
 from lorafit.config import ConfigError
 from lorafit.run_config import EarlyStoppingConfig, load_run_config
@@ -68,6 +71,9 @@ def test_message_and_summary():
     state, stopped = run_rule([3.0, 2.0, 2.5, 2.4], patience=2)
     assert stop_message(state, stopped) == ("early stopping at step 40: eval_loss has not improved for 2 evaluations; "
                                             "best 2 at step 20, adapter from step 20")
+    nothing, at = run_rule([math.nan, math.nan], patience=2)
+    assert stop_message(nothing, at) == ("early stopping at step 20: eval_loss has not improved for 2 evaluations; "
+                                         "no evaluation gave a finite value, adapter from step 20")
     assert summary(state, stopped, True) == {"monitor": "eval_loss", "best": 2.0, "best_step": 20, "stopped_at": 40,
                                              "stopped_early": True}
 
@@ -86,6 +92,15 @@ def write(tmp_path, method="sft"):
     path = tmp_path / "run.yaml"
     path.write_text(RUN.format(method=method) + ("rewards: [r.py:f]\n" if method == "grpo" else ""))
     return path
+
+
+def test_the_quickstart_line_is_a_valid_setting():
+    """examples/quickstart.yaml carries early stopping as a commented line: uncommented, it loads."""
+    quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+    line = next(l for l in quickstart.read_text().splitlines() if l.strip().startswith("# early_stopping:"))
+    setting = yaml.safe_load(line.strip().removeprefix("# "))["early_stopping"]
+    config = load_run_config(quickstart, [f"evaluation.early_stopping={json.dumps(setting)}"])
+    assert config.evaluation.early_stopping == EarlyStoppingConfig(**setting)
 
 
 def test_config_defaults_and_off(tmp_path):
