@@ -11,7 +11,14 @@ import yaml
 
 from lorafit.config import ConfigError
 from lorafit.run_config import EarlyStoppingConfig, load_run_config
-from lorafit.train.early_stopping import EarlyStoppingState, improves, observe, should_stop, stop_message, summary
+from lorafit.train.early_stopping import (
+    EarlyStoppingState,
+    improves,
+    observe,
+    should_stop,
+    stop_message,
+    summary,
+)
 
 
 def run_rule(values: list[float], patience: int, min_delta: float = 0.0) -> tuple[EarlyStoppingState, int | None]:

@@ -36,13 +36,12 @@ from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, has_learning_curve
 from lorafit.diagnose.memory import estimate_memory, token_rows
 from lorafit.diagnose.model_shape import ModelShapeError
-from lorafit.errors import UserError
+from lorafit.errors import CheckpointError, UserError
 from lorafit.finish import finish_run
 from lorafit.models import load_model
 from lorafit.models.vocabulary import add_tokens
 from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, to_dict
 from lorafit.run_dir import MetricsLog, RunDir
-from lorafit.errors import CheckpointError
 from lorafit.train import early_stopping
 from lorafit.train.checkpoint import (
     TrainerState,

@@ -104,7 +104,7 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
                 row["eval_loss"] = eval_loss(wrapped, eval_batches, device, use_bf16)
             if evaluate and monitored_batches:
                 row[monitored_key] = eval_loss(wrapped, monitored_batches, device, use_bf16)
-            if evaluate and rule:
+            if evaluate and rule is not None:
                 stopped = loop.early_stopping_decides(state, row[monitored_key])
             loop.end_step(state, row, force_log="eval_loss" in row or monitored_key in row)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}", refresh=False)
