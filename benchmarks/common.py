@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from lorafit.device import peak_rss_bytes
 from lorafit.fileio import write_json_atomic
 
 GB = 1e9
@@ -125,31 +126,6 @@ def current_rss_bytes() -> int:
     statm = Path("/proc/self/statm")
     if statm.is_file():
         return int(statm.read_text().split()[1]) * resource.getpagesize()
-    return peak_rss_bytes()
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def window_peak_rss_bytes() -> int:
-    """Peak RSS since the last reset_peak_rss() (VmHWM on Linux; elsewhere the whole-process peak)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
     return peak_rss_bytes()
 
 

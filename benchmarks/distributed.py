@@ -3,7 +3,7 @@
 Part 1 (measured): the same run file (SmolLM2-135M-Instruct, or with --layers N a randomly initialised model of
 its shape with N blocks and its tokenizer, for a shared CPU; orders data, packed rows) trained for a few steps by the real trainer, once in 1 process and on 2 processes with DDP and with FSDP2, for an fp32 and an
 NF4 base. tokens/s is the median of the trainer's own per-step figure (the global step's tokens over its wall
-time, rank 0's metrics.jsonl) over the steps after the first; peak RSS is each rank's ru_maxrss at the end
+time, rank 0's metrics.jsonl) over the steps after the first; peak RSS is each rank's peak RSS (VmHWM) at the end
 (model load included). Every process runs one thread (OMP_NUM_THREADS=1), like one device per rank: the 2-process
 ratio is what a second core buys minus what sharding and gloo communication cost. (Two OpenMP threads in one
 process stall badly on a shared CPU, whose other load deschedules one of them.) Read the ratios, not the
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from common import GB, RESULTS_DIR, load_average, machine_info, markdown_table, save_results
 
+from lorafit.device import peak_rss_bytes
 from lorafit.diagnose.memory import estimate_memory
 from lorafit.diagnose.model_shape import LLAMA_3_8B, ModelShape
 
@@ -54,8 +54,7 @@ def worker(argv: list[str]) -> None:
         code = main(["train", *argv])
         if code:
             raise SystemExit(code)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        print(MARK + json.dumps({"rank": distributed.rank(), "peak_rss_bytes": rss}), flush=True)
+        print(MARK + json.dumps({"rank": distributed.rank(), "peak_rss_bytes": peak_rss_bytes()}), flush=True)
     finally:
         distributed.shutdown()
 

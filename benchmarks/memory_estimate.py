@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,6 +48,7 @@ from peak_memory import measure_peak_bytes
 
 import lorafit
 from lorafit import distributed
+from lorafit.device import peak_rss_bytes, reset_peak_rss
 from lorafit.diagnose.memory import estimate_memory
 from lorafit.diagnose.model_shape import model_shape
 from lorafit.train.batches import MicroBatch
@@ -100,16 +100,6 @@ def random_micro_batch(setting: Setting, vocab_size: int) -> MicroBatch:
     return MicroBatch(tensors, ids.numel(), int((targets != -100).sum()))
 
 
-def peak_rss_since_reset() -> int:
-    """VmHWM: the peak RSS since the last `reset_peak_rss` (Linux)."""
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
-def reset_peak_rss() -> None:
-    """Make VmHWM start again from the current RSS (writing 5 to clear_refs, Linux >= 4.0)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def measure(name: str, steps: int, allocator: str) -> dict[str, Any]:
     """The worker: load, attach, run `steps` training steps; return memory measured and estimated."""
     setting = SETTINGS[name]
@@ -142,7 +132,7 @@ def measure(name: str, steps: int, allocator: str) -> dict[str, Any]:
     start = time.perf_counter()
     losses, step_peak = measure_peak_bytes(run_steps)
     wall = time.perf_counter() - start
-    rss_peak = peak_rss_since_reset()
+    rss_peak = peak_rss_bytes()
     allocated_peak = sum(parameters.values()) + step_peak
     estimate = estimate_for(setting)
     return {

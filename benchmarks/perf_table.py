@@ -56,14 +56,14 @@ from common import (
     machine_info,
     markdown_table,
     median,
-    reset_peak_rss,
     run_worker,
     save_results,
     time_steps,
-    window_peak_rss_bytes,
 )
 from peak_memory import measure_peak_bytes
 from roofline import bound_tokens_per_s
+
+from lorafit.device import peak_rss_bytes, reset_peak_rss
 
 LIBRARIES = ("lorafit", "peft")
 METHODS = ("lora", "dora")
@@ -95,7 +95,7 @@ def measure(library: str, method: str, checkpointing: bool, dropout: float, warm
     cpu_start = time.process_time()
     times, losses = time_steps(step, device, warmup, steps)
     cpu_s = (time.process_time() - cpu_start) / (warmup + steps)
-    peak_rss = window_peak_rss_bytes()
+    peak_rss = peak_rss_bytes()
     if not all(math.isfinite(loss) for loss in losses):
         raise RuntimeError(f"{library} {method} dropout {dropout} checkpointing {checkpointing}: losses {losses}")
     emit_phase("allocator peak")

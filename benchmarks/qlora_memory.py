@@ -44,17 +44,15 @@ from common import (
     markdown_table,
     median,
     reset_cuda_peak,
-    reset_peak_rss,
     run_worker,
     save_results,
     time_steps,
     use_all_cpus,
-    window_peak_rss_bytes,
 )
 from torch import nn
 
 import lorafit
-from lorafit.device import bf16_worthwhile, default_compute_dtype, default_device
+from lorafit.device import bf16_worthwhile, default_compute_dtype, default_device, peak_rss_bytes, reset_peak_rss
 from lorafit.models.load import block_linear_names
 from lorafit.models.zoo import model_cache_dir
 from lorafit.quant import Linear4bit, quantize_nf4, state_bits
@@ -119,7 +117,7 @@ def measure_training(variant: str, warmup: int, steps: int) -> dict[str, Any]:
     start = time.perf_counter()
     model = (load_lorafit if library == "lorafit" else load_peft)(base, device).train()
     load_s = time.perf_counter() - start
-    load_peak = window_peak_rss_bytes()
+    load_peak = peak_rss_bytes()
     windowed = reset_peak_rss()
     reset_cuda_peak(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -132,7 +130,7 @@ def measure_training(variant: str, warmup: int, steps: int) -> dict[str, Any]:
     cuda = cuda_memory_bytes(device)
     return {
         "variant": variant, "library": library, "base": base, "device": str(device), "threads": threads,
-        "load_s": load_s, "load_peak_rss_bytes": load_peak, "train_peak_rss_bytes": window_peak_rss_bytes(),
+        "load_s": load_s, "load_peak_rss_bytes": load_peak, "train_peak_rss_bytes": peak_rss_bytes(),
         "peak_window_reset": windowed, "cuda_peak_bytes": cuda["peak"] if cuda else None,
         "trainable_params": sum(p.numel() for p in trainable), "step_times_s": times,
         "tokens_per_s": BATCH_SIZE * SEQ_LEN / median(times), "losses": losses,

@@ -31,20 +31,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from lorafit.device import peak_rss_bytes, reset_peak_rss  # noqa: E402
 from lorafit.fileio import write_text_atomic  # noqa: E402
 from common import (  # noqa: E402
     GB,
     RESULTS_DIR,
+    current_rss_bytes,
+    emit_phase,
     emit_worker_result,
     machine_info,
     markdown_table,
-    peak_rss_bytes,
-    current_rss_bytes,
-    emit_phase,
-    reset_peak_rss,
     run_worker,
     save_results,
-    window_peak_rss_bytes,
 )
 
 R, ALPHA, SEQ, STEPS, LR = 16, 32, 256, 2, 1e-4
@@ -85,7 +83,7 @@ def measured_load(load_model: Any, into: dict[str, Any]) -> Any:
         reset_peak_rss()
         start = time.perf_counter()
         result = load_model(*args, **kwargs)
-        into.update(seconds=time.perf_counter() - start, peak=window_peak_rss_bytes(), after=current_rss_bytes())
+        into.update(seconds=time.perf_counter() - start, peak=peak_rss_bytes(), after=current_rss_bytes())
         emit_phase("train")
         return result
 
@@ -138,7 +136,7 @@ def worker_peft(model: str, out: Path, load_only: bool) -> dict[str, Any]:
                                    bnb_4bit_compute_dtype=torch.float32)
         base = AutoModelForCausalLM.from_pretrained(model, quantization_config=quant, dtype=torch.float32,
                                                     device_map="cpu")
-        result.update(load_peak=window_peak_rss_bytes(), load_after=current_rss_bytes(),
+        result.update(load_peak=peak_rss_bytes(), load_after=current_rss_bytes(),
                       load_s=time.perf_counter() - start)
         if load_only:
             result["phase"] = "done"
@@ -164,7 +162,7 @@ def worker_peft(model: str, out: Path, load_only: bool) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
-        result.update(train_peak=window_peak_rss_bytes(), s_per_step=times)
+        result.update(train_peak=peak_rss_bytes(), s_per_step=times)
         result["phase"] = "save"
         emit_phase("save")
         peft_model.save_pretrained(out)

@@ -166,3 +166,18 @@ def test_perf_table_worker_measures_a_tiny_model_and_tabulates(method, checkpoin
     assert ratio["first_loss_diff"] < 1e-4  # B = 0: both start at the base model's loss on the same batch
     table = perf_table.closing_table(runs)
     assert len(table.splitlines()) == 4 and f"{ratio['speed']:.2f}" in table.splitlines()[2]
+
+
+def test_readme_estimator_table_is_what_the_estimator_says():
+    """README's per-rank Llama-3 table: every row equals benchmarks/distributed.py's estimates() (no stale figures)."""
+    spec = importlib.util.spec_from_file_location("distributed_benchmark", BENCHMARKS / "distributed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (BENCHMARKS.parent / "README.md").read_text()
+    table_rows = [line for line in readme.splitlines() if line.startswith("| Llama-3-")]
+    assert len(table_rows) == 10
+    estimates = {(r["model"], r["method"], r["gpus"], r["strategy"]): r for r in module.estimates()}
+    for line in table_rows:
+        model, method, gpus, strategy, weights, total = (cell.strip() for cell in line.strip("|").split("|"))
+        row = estimates[(model, method, int(gpus), "ddp" if strategy == "-" else strategy)]
+        assert (float(weights), float(total)) == (row["weights_gb_per_rank"], row["total_gb_per_rank"]), line

@@ -64,7 +64,8 @@ class AdapterConfig:
     exclude_modules: str | list[str] | None = None
     use_rslora: bool = False
     use_dora: bool = False
-    # DoRA with dropout: false = PEFT's formula (exact parity; one extra W0·dropout(x) matmul per layer and step);
+    # DoRA with dropout: false = PEFT's formula (exact parity; one extra W0·dropout(x) matmul per layer and step, a
+    # sparse product over the dropped entries in fp32 on CPU at dropout <= 0.1: adapters/dropped_entries.py);
     # true = dropout on the low-rank path only, y = bias + m/||W0 + s·BA|| ⊙ (W0 x + s·B A dropout(x)): LoRA's cost.
     # Training only (eval and saved adapters are the same DoRA), so it is not written to adapter_config.json.
     dora_dropout_lowrank_only: bool = False

@@ -112,20 +112,27 @@ def head_chunk_rows(vocab_size: int) -> int:
     return max(1, HEAD_CHUNK_BYTES // (4 * vocab_size))
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window: the process's peak RSS (Linux: /proc/self/clear_refs; elsewhere the peak
-    stays the process's lifetime peak) and, on CUDA, the allocator's peak statistics."""
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS);
+    False where that is not possible (the peak then stays the process's lifetime peak)."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")  # 5 = reset the peak resident set size (proc(5))
     except OSError:
-        pass
+        return False
+    return True
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: the process's peak RSS (reset_peak_rss) and, on CUDA, the allocator's peak
+    statistics."""
+    reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak_rss_bytes() -> int:
-    """The process's peak resident set: Linux's VmHWM (what clear_refs resets). Not getrusage's ru_maxrss there: it
+def peak_rss_bytes() -> int:
+    """The process's peak resident set since reset_peak_rss: Linux's VmHWM. Not getrusage's ru_maxrss there: it
     also holds the peak of the image before exec, i.e. of the parent a process was forked from (a `lorafit train`
     started by a 2 GB process reported 2 GB before it allocated anything). Elsewhere ru_maxrss."""
     try:
@@ -142,7 +149,7 @@ def _peak_rss_bytes() -> int:
 def peak_memory_mib(device: torch.device) -> dict[str, float]:
     """Peak memory since the last reset_peak_memory, in MiB: the process's resident set (host memory, the whole
     footprint on CPU) and, on CUDA, the peak allocated and reserved by torch's allocator."""
-    peak = {"peak_rss_mib": round(_peak_rss_bytes() / MIB, 1)}
+    peak = {"peak_rss_mib": round(peak_rss_bytes() / MIB, 1)}
     if device.type == "cuda":
         peak["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / MIB, 1)
         peak["cuda_max_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / MIB, 1)

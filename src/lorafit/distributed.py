@@ -36,7 +36,12 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
@@ -449,6 +454,24 @@ def gather_adapter(wrapped: nn.Module) -> dict[str, torch.Tensor] | None:
     model = unwrap(wrapped)
     names = set(adapter_io.adapter_parameter_names(model))
     return gather_full_state_dict(model, names.__contains__)
+
+
+def load_full_parameters(wrapped: nn.Module, tensors: dict[str, torch.Tensor] | None) -> None:
+    """Copy full tensors keyed by parameter name (gather_adapter's, kept from an earlier step) into the wrapped
+    model's parameters of those names; each rank keeps its shard. Rank 0 passes the tensors, the others None
+    (rank 0's are broadcast). Every rank must call it.
+
+    Under FSDP2 a module left unsharded by a forward (the root keeps its weights after an evaluation) is put
+    back in its sharded form first (torch's load_state_dict hooks), so the values land in the shards it trains."""
+    model = unwrap(wrapped)
+    if world_size() == 1:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for name, value in tensors.items():
+                params[name].copy_(value)
+        return
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, dict(tensors) if is_main() else {}, options=options)
 
 
 def full_optimizer_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:

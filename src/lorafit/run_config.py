@@ -75,6 +75,17 @@ class EvalSetConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop training when the monitored held-out loss has not improved (loss < best - min_delta) for `patience`
+    evaluations in a row; the run's adapter is then the best evaluation's (train/early_stopping.py owns the rule).
+    monitor: eval_loss (the loss on data.eval) or the name of one of evaluation.sets (its held-out loss)."""
+
+    patience: int = 3
+    min_delta: float = 0.0
+    monitor: str = "eval_loss"
+
+
+@dataclass
 class EvaluationConfig:
     """Held-out loss every `every` steps, and a generation metric before and after training."""
 
@@ -87,6 +98,7 @@ class EvaluationConfig:
     sets: dict = field(default_factory=dict)  # name -> EvalSetConfig, e.g. {in_distribution: a.jsonl, ...}
     forgetting: bool | str = "auto"  # base vs adapter on general prompts after training; auto = on CUDA only
     measure: str | None = None  # dpo: `file.py:function` scoring each greedy held-out reply (a reward function)
+    early_stopping: EarlyStoppingConfig | None = None  # {patience, min_delta, monitor}; null = train all steps
 
     def __post_init__(self) -> None:
         if not isinstance(self.sets, dict):
@@ -230,7 +242,8 @@ def build(cls: type, raw: Any, where: str) -> Any:
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(known)}"
             raise ConfigError(f"unknown key {dotted!r}{hint}")
         kind = _field_type(cls, key)
-        kwargs[key] = build(kind, value, dotted) if dataclasses.is_dataclass(kind) else _check_type(value, kind, dotted)
+        section = _section_type(kind)
+        kwargs[key] = build(section, value, dotted) if section and value is not None else _check_type(value, kind, dotted)
     try:
         return cls(**kwargs)
     except ConfigError as err:
@@ -295,6 +308,7 @@ def validate(config: RunConfig) -> None:
     if config.method == "dpo":
         _validate_dpo(config.dpo)
     _validate_distributed(config.distributed)
+    _validate_early_stopping(config)
     if config.evaluation.measure is not None:
         if config.method != "dpo":
             raise ConfigError("evaluation.measure applies to method: dpo only (grpo scores replies with its rewards, "
@@ -350,6 +364,41 @@ def method_keys(config: dict[str, Any]) -> dict[str, Any]:
     method = config.get("method") or RunConfig.method
     unused = {s for m, sections in METHOD_SECTIONS.items() if m != method for s in sections}
     return {key: value for key, value in config.items() if key not in unused}
+
+
+def _validate_early_stopping(config: RunConfig) -> None:
+    """evaluation.early_stopping needs evaluations (evaluation.every > 0) of a held-out loss: data.eval's (sft,
+    dpo) or an evaluation set's (sft); GRPO has no held-out loss."""
+    e = config.evaluation
+    rule = e.early_stopping
+    if rule is None:
+        return
+    where = "evaluation.early_stopping"
+    if config.method == "grpo":
+        raise ConfigError(f"{where} needs a held-out loss, which method: grpo does not compute (it evaluates "
+                          "rewards of sampled replies); remove it, or pick the best checkpoint by eval_reward.")
+    if not e.every > 0:
+        raise ConfigError(f"{where} decides at each held-out evaluation: set evaluation.every to a number of steps "
+                          "(e.g. 10), or remove early_stopping.")
+    if not isinstance(rule.patience, int) or rule.patience < 1:
+        raise ConfigError(f"{where}.patience={rule.patience!r} must be at least 1 (evaluations without improvement "
+                          "before training stops; HF's default is 1, lorafit's 3).")
+    if not 0 <= rule.min_delta < float("inf"):
+        raise ConfigError(f"{where}.min_delta={rule.min_delta!r} must be >= 0 (how much lower than the best a loss "
+                          "must be to count as an improvement; 0 = any decrease).")
+    if config.method == "dpo":
+        valid = ["eval_loss"]  # the held-out DPO loss of data.eval's pairs; eval sets are chats, not pairs
+    else:
+        valid = ["eval_loss", *e.sets]
+    if rule.monitor not in valid:
+        raise ConfigError(f"{where}.monitor={rule.monitor!r}: use one of {', '.join(valid)} (eval_loss = the "
+                          "held-out loss on data.eval, or the name of one of evaluation.sets).")
+    if rule.monitor == "eval":
+        raise ConfigError(f"{where}.monitor=eval: the set's loss would be logged as eval_loss, the name of "
+                          "data.eval's; rename the set in evaluation.sets.")
+    if rule.monitor == "eval_loss" and not config.data.eval:
+        raise ConfigError(f"{where}.monitor=eval_loss is the held-out loss on data.eval: set data.eval, or monitor "
+                          "one of evaluation.sets by name.")
 
 
 def _validate_distributed(d: DistributedConfig) -> None:
@@ -438,6 +487,15 @@ def _eval_set(name: Any, spec: Any) -> EvalSetConfig:
     if spec.metric is not None and spec.metric not in METRICS:
         raise ConfigError(f"{where}.metric={spec.metric!r}: use one of {', '.join(METRICS)}.")
     return spec
+
+
+def _section_type(kind: Any) -> type | None:
+    """The dataclass a field holds (`Section` or an optional `Section | None`), else None."""
+    if dataclasses.is_dataclass(kind):
+        return kind
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else ()
+    sections = [o for o in options if dataclasses.is_dataclass(o)]
+    return sections[0] if len(sections) == 1 and len(options) == 2 and type(None) in options else None
 
 
 def _field_type(cls: type, name: str) -> Any:

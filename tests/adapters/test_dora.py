@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorafit
 from lorafit.adapters.branch import dropout_keep_mask
+from lorafit.adapters.dropped_entries import sparse_dropout_pays
 from lorafit.adapters.dora import dora_branch, row_norms_direct, row_norms_factored
 from lorafit.adapters.lora import LoraLinear
 from lorafit.adapters.model import lora_layers
@@ -51,8 +52,9 @@ def reference_dora(layer: LoraLinear, x, a, b, m, bias, keep=None, keep_rate=1.0
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("dropout", [0.0, 0.08, 0.3])  # 0.08: the sparse products over dropped entries (fp64 on CPU)
 def test_dora_layer_matches_fp64_formula_with_gradients(conv1d, dropout):
+    assert sparse_dropout_pays(torch.device("cpu"), torch.float64, dropout) == (dropout == 0.08)
     layer = make_dora_layer(conv1d=conv1d, dropout=dropout)
     layer.train()
     layer.base_layer.bias.requires_grad_(True)  # bias="lora_only": the bias trains too
@@ -67,6 +69,7 @@ def test_dora_layer_matches_fp64_formula_with_gradients(conv1d, dropout):
         torch.manual_seed(7)
         mask, q = dropout_keep_mask(x.detach().reshape(-1, 6), dropout)
         keep, rate = mask.view(x.shape).double(), 1 - q
+        assert 0 < int((keep == 0).sum()) < keep.numel()  # some entries dropped, not all
     leaves = [t.detach().clone().requires_grad_(True) for t in
               (x, layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector, layer.base_layer.bias)]
     ref = reference_dora(layer, *leaves, keep=keep, keep_rate=rate)
@@ -79,17 +82,18 @@ def test_dora_layer_matches_fp64_formula_with_gradients(conv1d, dropout):
     assert layer.base_layer.weight.grad is None
 
 
-def test_dora_gradcheck_with_dropout():
+@pytest.mark.parametrize("dropout", [0.08, 0.4])  # sparse products over the dropped entries, dense ones
+def test_dora_gradcheck_with_dropout(dropout):
     """Finite differences for x and m (A and B are left out: the detached norm makes their true derivative
     differ from the DoRA gradient by design; the fp64 formula test above covers them)."""
-    layer = make_dora_layer(dropout=0.4)
+    layer = make_dora_layer(dropout=dropout)
     layer.train()
-    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
     a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
 
     def fn(x, m):
         torch.manual_seed(11)
-        return dora_branch(layer.base_layer(x), x, a, b, m, layer.base_layer, layer.scaling, 0.4)
+        return dora_branch(layer.base_layer(x), x, a, b, m, layer.base_layer, layer.scaling, dropout)
 
     assert torch.autograd.gradcheck(fn, (x, layer.lora_magnitude_vector.detach().clone().requires_grad_(True)))
 

@@ -224,6 +224,17 @@ def test_divergent_validation_names_the_best_step_and_the_checkpoint_before_it(t
     assert diagnose_run(run).findings[0].evidence["checkpoint"] == f"checkpoint-{best_step - 20}"
 
 
+def test_divergent_validation_advice_follows_early_stopping():
+    """With evaluation.early_stopping on eval_loss the saved adapter is the best one already; without it (and without
+    checkpoints) the advice offers early stopping."""
+    metrics = rows(exp_decay(0.3, floor=0.3), 1, eval_loss=overfit_eval())
+    stopping = {**LORA, "evaluation": {"every": 10, "early_stopping": {"patience": 3, "monitor": "eval_loss"}}}
+    kept = _only(diagnose_rows(metrics, stopping), "divergent_validation").advice
+    assert "the saved adapter is already the best evaluation's (evaluation.early_stopping)" in kept
+    offered = _only(diagnose_rows(metrics, LORA), "divergent_validation").advice
+    assert "set evaluation.early_stopping to stop there and keep the best adapter" in offered
+
+
 @pytest.mark.parametrize(("case", "trend"), [("eval rises", "rising"), ("eval stalls", "stalled")])
 def test_divergent_validation_tells_rising_from_stalled(case, trend):
     for seed in SEEDS:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorafit.adapters.dropped_entries import dropped_input_grad, dropped_product, sparse_dropout_pays
 from lorafit.adapters.branch import (
     adapter_backward,
     adapter_dropout,
@@ -71,18 +72,23 @@ class _DoraBranch(torch.autograd.Function):
             factor = (magnitude / norm).to(dtype)  # (out,)
             base2 = base_out.reshape(-1, out_features)  # (T, out)
             dropped_z = keep is not None and not lowrank_only  # PEFT's formula with dropout: z = W0 dropout(x)
+            sparse = dropped_z and sparse_dropout_pays(x2.device, dtype, dropout_p)
             if not dropped_z:
                 z = base2 - bias.to(dtype) if bias is not None else base2
                 out = torch.addmm(z, h, lora_b.to(dtype).t(), alpha=scaling).mul_(factor)  # f ⊙ (W0 + s·B A) x
                 if bias is not None:
                     out = out.add_(bias.to(dtype))
                 saved = out  # the output itself: (out - bias) / m = combined / norm for the magnitude gradient
+            elif sparse:  # W0 (x ⊙ keep) = W0 x - W0 (x ⊙ drop): the base output and a product over the dropped entries
+                z = dropped_product(x2, keep, dense_weight(base_layer))
+                z = torch.sub(base2, z, out=z) if bias is None else z.neg_().add_(base2).sub_(bias.to(dtype))
             else:
                 z = dropped @ dense_weight(base_layer).to(dtype).t()  # (T, out): W0 (x ⊙ keep), unscaled
+            if dropped_z:
                 saved = torch.addmm(z, h, lora_b.to(dtype).t(), beta=inv, alpha=scaling)  # (W0 + s·B A) dropout(x)
                 out = torch.sub(base2, z, alpha=inv, out=z).addcmul_(saved, factor)  # base - W0 dropout(x) + f ⊙ ...
         ctx.save_for_backward(x, keep, h, lora_a, lora_b, magnitude, norm, bias, saved)
-        ctx.base_layer, ctx.scaling, ctx.inv, ctx.dropped_z = base_layer, scaling, inv, dropped_z
+        ctx.base_layer, ctx.scaling, ctx.inv, ctx.dropped_z, ctx.sparse = base_layer, scaling, inv, dropped_z, sparse
         return out.view(base_out.shape)
 
     @staticmethod
@@ -107,6 +113,7 @@ class _DoraBranch(torch.autograd.Function):
             gf = torch.mul(g, factor, out=product) if product is not None else g * factor  # reaches (W0 + s·B A) x
             grad_x, grad_a, grad_b = adapter_backward(gf, x, keep, ctx.inv, h, lora_a, lora_b, ctx.scaling,
                                                       need_x=need_x, need_a=need_a)
+            grad_x = masked_input_grad(grad_x, keep, x)
             grad_base = gf.view(grad_out.shape)  # y depends on base_out only through f ⊙ (base_out - bias)
         else:
             if need_m:
@@ -116,14 +123,26 @@ class _DoraBranch(torch.autograd.Function):
             grad_x, grad_a, grad_b = adapter_backward(g, x, keep, ctx.inv, h, lora_a, scaled_b, ctx.scaling,
                                                       need_x=need_x, need_a=need_a)
             grad_b = grad_b.mul_(factor[:, None]).to(lora_b.dtype)
-            if need_x:  # z = W0 dropout(x) enters y with weight (f - 1)
-                weight_z = ((factor - 1) * ctx.inv)
+            grad_base, dropped_grad = grad_out, None
+            weight_z = (factor - 1) * ctx.inv  # z = W0 (x ⊙ keep) enters y with weight (f - 1) / keep rate
+            if ctx.sparse and (need_x or need_bias or ctx.needs_input_grad[0]):
+                # z = base_out - bias - W0 (x ⊙ drop): its gradient G joins the base output's (the base layer's one
+                # matmul carries it to x) and x loses drop ⊙ (G W0), a product at the dropped entries only
+                scaled_g = torch.mul(g, weight_z, out=product) if product is not None else g * weight_z
+                if need_x:
+                    dropped_grad = dropped_input_grad(scaled_g, keep, dense_weight(ctx.base_layer))
+                if need_bias:  # the explicit -bias of z cancels what G sends to the bias through base_out
+                    grad_bias = scaled_g.sum(dim=0).neg_().to(bias.dtype)
+                grad_base = scaled_g.add_(g).view(grad_out.shape)
+            elif need_x:
                 scaled_g = torch.mul(g, weight_z, out=product) if product is not None else g * weight_z
                 grad_z = scaled_g @ dense_weight(ctx.base_layer).to(dtype)  # (T, in)
                 grad_x = grad_z if grad_x is None else grad_x.add_(grad_z)
-            grad_base = grad_out
-        return (grad_base, masked_input_grad(grad_x, keep, x), grad_a, grad_b, grad_m, None, grad_bias,
-                None, None, None, None)
+            grad_x = masked_input_grad(grad_x, keep, x)
+            if dropped_grad is not None:
+                dropped_grad = dropped_grad.view(x.shape).to(x.dtype)
+                grad_x = dropped_grad.neg_() if grad_x is None else grad_x.sub_(dropped_grad)
+        return grad_base, grad_x, grad_a, grad_b, grad_m, None, grad_bias, None, None, None, None
 
 
 def dora_branch(base_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

@@ -164,7 +164,7 @@ def diagnose_rows(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any] |
     findings = [
         _nan(rows),
         _spike(curve, config),
-        _divergent(curve, checkpoints or {}),
+        _divergent(curve, checkpoints or {}, config),
         _sluggish(curve, config, baseline, baseline_config, notes),
         _early_plateau(curve, blocks, config),
         _quantization(curve, blocks, config, baseline, baseline_config, notes),
@@ -325,7 +325,7 @@ def _spike(curve: _Curve | None, config: Mapping[str, Any]) -> Finding | None:
                    "and train in bf16 rather than fp16.")
 
 
-def _divergent(curve: _Curve | None, checkpoints: Mapping[int, str]) -> Finding | None:
+def _divergent(curve: _Curve | None, checkpoints: Mapping[int, str], config: Mapping[str, Any]) -> Finding | None:
     if curve is None or len(curve.eval_steps) < MIN_EVALS:
         return None
     recent = max(2, len(curve.eval_loss) // RECENT_EVALS)
@@ -349,12 +349,17 @@ def _divergent(curve: _Curve | None, checkpoints: Mapping[int, str]) -> Finding 
     if math.isfinite(epoch):
         evidence["best_epoch"] = _r(epoch)
     usable = [step for step in checkpoints if step <= best_step]
+    stopping = _section(config, "evaluation").get("early_stopping")
     if usable:
         evidence["checkpoint_step"] = max(usable)
         evidence["checkpoint"] = checkpoints[max(usable)]
+    if isinstance(stopping, Mapping) and stopping.get("monitor", "eval_loss") == "eval_loss":
+        keep = "the saved adapter is already the best evaluation's (evaluation.early_stopping)"
+    elif usable:
         keep = f"use the checkpoint {evidence['checkpoint']} (step {max(usable)})"
     else:
-        keep = "save checkpoints (training.save_every) to keep the best point"
+        keep = ("set evaluation.early_stopping to stop there and keep the best adapter, or save checkpoints "
+                "(training.save_every) to keep the best point")
     fewer = f"about {epoch:.2g} epochs" if math.isfinite(epoch) else f"about {_int(best_step)} steps"
     return Finding("divergent_validation", evidence,
                    f"Overfitting: eval_loss stopped improving (best {best_loss:.3g} at step {_int(best_step)}) while "

@@ -112,9 +112,20 @@ def _headline_cards(run: RunData) -> str:
              ("Throughput", _fmt(h["tokens_per_s"], "{:,.0f}"), "tokens/s, median over steps"),
              ("Eval before → after", *_eval_change(h["eval_before"], h["eval_after"])),
              ("Training time", _duration(h["train_s"]), "")]
+    if h["early_stopping"]:
+        cards.append(("Early stopping", *_early_stopping_card(h["early_stopping"])))
     html = "".join(f'<div class="card"><div class="label">{escape(label)}</div><div class="value">{escape(value)}</div>'
                    f'<div class="detail">{escape(detail)}</div></div>' for label, value, detail in cards)
     return f'<section class="cards">{html}</section>'
+
+
+def _early_stopping_card(stopping: dict[str, Any]) -> tuple[str, str]:
+    """(value, detail) of the early-stopping card: where training ended and which step's adapter was kept."""
+    ended = f"stopped at step {stopping['stopped_at']}" if stopping.get("stopped_early") else \
+        f"ran to step {stopping['stopped_at']}"
+    if stopping.get("best_step") is None:
+        return ended, f"no finite {stopping['monitor']}: adapter from the last step"
+    return ended, f"adapter from step {stopping['best_step']}: best {stopping['monitor']} {_fmt(stopping.get('best'))}"
 
 
 def _comparison_table(runs: list[RunData]) -> str:

@@ -87,6 +87,7 @@ def headline(run: RunData) -> dict[str, Any]:
         "train_s": train_s if is_number(train_s) else None,
         "eval_before": summary.get("eval_before"),
         "eval_after": summary.get("eval_after"),
+        "early_stopping": summary.get("early_stopping"),
     }
 
 
@@ -127,6 +128,12 @@ def _read_summary(run: RunData) -> None:
                 for result in sets.values())):
             summary[key] = None
             run.notes["eval_sets"] = f"{run.folder.summary.name}: {key} is not {{name: accuracy +- stderr}}; left out."
+    stopping = summary.get("early_stopping")
+    if stopping is not None and not (isinstance(stopping, dict) and isinstance(stopping.get("monitor"), str)
+                                     and is_number(stopping.get("stopped_at"))
+                                     and (stopping.get("best_step") is None or is_number(stopping.get("best_step")))):
+        summary["early_stopping"] = None
+        run.notes["early_stopping"] = f"{run.folder.summary.name}: early_stopping lacks monitor/stopped_at; left out."
     forgetting = summary.get("forgetting")
     if forgetting is not None and not (isinstance(forgetting, dict)
                                        and all(is_number(forgetting.get(k)) for k in FORGETTING_NUMBERS)):

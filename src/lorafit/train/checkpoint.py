@@ -3,6 +3,7 @@
 A checkpoint folder holds
   adapter/               the adapter in residual form (safetensors + adapter_config.json)
   optimizer.json/.safetensors, scheduler.json, rng.json/.safetensors, trainer_state.json
+  early_stopping.json/.safetensors  with evaluation.early_stopping: the rule's state and the best adapter
   manifest.json          size + SHA-256 of each file above, written last (checkpoint_format owns the layout)
 and is written to a temporary folder, fsynced and renamed (fileio.atomic_directory). Resuming reads and
 verifies everything into memory first (`read_checkpoint`), then restores it (`restore_checkpoint`), so a
@@ -20,9 +21,10 @@ built over the wrapped model's parameters (restore_training_state).
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +40,18 @@ from lorafit.run_dir import LEGACY_CHECKPOINT_STATE as LEGACY_STATE_FILE
 from lorafit.run_dir import RunDir
 from lorafit.train.checkpoint_format import (
     check_finite,
+    listed_files,
     read_json,
     read_state,
     verify_manifest,
     write_manifest,
     write_state,
 )
+from lorafit.train.early_stopping import EarlyStoppingState
 
 ADAPTER_DIR = "adapter"
 TRAINER_FILE = "trainer_state.json"
+EARLY_STOPPING = "early_stopping"  # early_stopping.json (+ .safetensors: the best adapter)
 _REQUIRED = [f"{ADAPTER_DIR}/adapter_model.safetensors", f"{ADAPTER_DIR}/adapter_config.json", "optimizer.json",
              "scheduler.json", "rng.json", "rng.safetensors", TRAINER_FILE]
 
@@ -57,10 +62,14 @@ __all__ = ["CheckpointError", "CheckpointContents", "TrainerState", "gather_trai
 
 @dataclass
 class TrainerState:
-    """Where training stands: optimiser steps done and tokens seen (the data position follows from the step)."""
+    """Where training stands: optimiser steps done and tokens seen (the data position follows from the step);
+    with evaluation.early_stopping, the rule's state and the adapter of its best evaluation (parameter name ->
+    full CPU tensor, as distributed.gather_adapter gives it: on rank 0; None on the other ranks)."""
 
     step: int = 0
     tokens_seen: int = 0
+    early_stopping: EarlyStoppingState | None = None
+    best_adapter: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -108,7 +117,9 @@ def write_checkpoint(target: Path, model: nn.Module, adapter: dict[str, torch.Te
         write_state(tmp, "optimizer", optimizer_state)
         write_state(tmp, "scheduler", scheduler.state_dict())
         write_state(tmp, "rng", _rng_state())
-        write_json_atomic(tmp / TRAINER_FILE, asdict(state))
+        write_json_atomic(tmp / TRAINER_FILE, {"step": state.step, "tokens_seen": state.tokens_seen})
+        if state.early_stopping is not None:
+            write_state(tmp, EARLY_STOPPING, _early_stopping_tree(state))
         write_manifest(tmp)
     return target
 
@@ -132,6 +143,8 @@ def read_checkpoint(path: Path, *, trust_checkpoint: bool = False) -> Checkpoint
     if not isinstance(trainer, dict) or set(trainer) != {"step", "tokens_seen"} \
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in trainer.values()):
         raise CheckpointError(f"{path / TRAINER_FILE} must hold integers 'step' and 'tokens_seen', not {trainer!r}.")
+    if f"{EARLY_STOPPING}.json" in listed_files(path):
+        trainer |= _read_early_stopping(path)
     return CheckpointContents(path=path, adapter=_read_adapter(path), optimizer=read_state(path, "optimizer"),
                               scheduler=read_state(path, "scheduler"), rng=read_state(path, "rng"),
                               trainer=TrainerState(**trainer))
@@ -164,7 +177,7 @@ def restore_training_state(saved: CheckpointContents, wrapped: nn.Module, optimi
     _fits(saved, lambda: distributed.load_full_optimizer_state(wrapped, optimizer, state))
     _fits(saved, lambda: scheduler.load_state_dict(saved.scheduler))
     _set_rng_state(saved.rng)
-    return TrainerState(**asdict(saved.trainer))
+    return replace(saved.trainer)
 
 
 def _fits(saved: CheckpointContents, load: Any) -> None:
@@ -217,6 +230,43 @@ def newest_valid_checkpoint(checkpoints: list[Path], *, trust_checkpoint: bool =
         more = f" (and {len(failures) - 1} older checkpoints failed too)" if len(failures) > 1 else ""
         raise CheckpointError(f"{failures[0]}{more}")
     return None
+
+
+def _early_stopping_tree(state: TrainerState) -> dict[str, Any]:
+    """The state tree stored as early_stopping.json/.safetensors: the rule's fields and the best adapter's tensors
+    (an empty mapping before the first evaluation)."""
+    rule = state.early_stopping
+    return {"monitor": rule.monitor, "best": rule.best, "best_step": rule.best_step,
+            "evaluations_without_improvement": rule.evaluations_without_improvement,
+            "best_adapter": state.best_adapter or {}}
+
+
+def _read_early_stopping(path: Path) -> dict[str, Any]:
+    """TrainerState's early_stopping and best_adapter fields from the checkpoint's early_stopping files; a tree
+    of other fields or types is a CheckpointError (the file was edited)."""
+    tree = read_state(path, EARLY_STOPPING)
+    fields = {"monitor", "best", "best_step", "evaluations_without_improvement", "best_adapter"}
+    if not isinstance(tree, dict) or set(tree) != fields:
+        raise CheckpointError(f"{path / EARLY_STOPPING}.json must hold {', '.join(sorted(fields))}; the file was "
+                              "edited: resume from another checkpoint.")
+    best, best_step, stale, adapter = (tree[k] for k in ("best", "best_step", "evaluations_without_improvement",
+                                                           "best_adapter"))
+    valid = (isinstance(tree["monitor"], str) and _is_int(stale) and stale >= 0 and isinstance(adapter, dict)
+             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in adapter.items())
+             and ((best is None and best_step is None and not adapter)
+                  or (isinstance(best, float) and math.isfinite(best) and _is_int(best_step) and adapter)))
+    if not valid:
+        raise CheckpointError(f"{path / EARLY_STOPPING}.json holds no valid early-stopping state ({tree['monitor']!r}, "
+                              f"best {best!r} at step {best_step!r}, {stale!r} evaluations without improvement, "
+                              f"{len(adapter) if isinstance(adapter, dict) else adapter!r} best-adapter tensors); "
+                              "resume from another checkpoint.")
+    rule = EarlyStoppingState(monitor=tree["monitor"], best=best, best_step=best_step,
+                              evaluations_without_improvement=stale)
+    return {"early_stopping": rule, "best_adapter": adapter or None}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_adapter(path: Path) -> dict[str, torch.Tensor]:

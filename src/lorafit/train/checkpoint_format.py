@@ -123,6 +123,11 @@ def verify_manifest(folder: Path, required: list[str]) -> None:
                                   "edited: resume from an older checkpoint.")
 
 
+def listed_files(folder: Path) -> set[str]:
+    """The files manifest.json lists (relative POSIX paths); call after verify_manifest, which checked them."""
+    return set(read_json(folder / MANIFEST)["files"])
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

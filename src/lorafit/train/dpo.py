@@ -16,6 +16,7 @@ decomposition of the base, or the init_adapter folder), so a resumed run keeps t
 Held-out evaluation: preference accuracy (share of pairs whose implicit reward ranks chosen above rejected, TRL's
 rewards/accuracies, with its standard error) and loss before training, every evaluation.every steps and at the
 end; and, with evaluation.measure, greedy replies to the held-out prompts scored by that function before and after.
+With evaluation.early_stopping the held-out loss decides when to stop and the adapter kept is its best (as in SFT).
 
 Memory / speed levers and their cost:
 - dpo.precompute_reference: the reference log-probs of every training pair once before training, instead of one
@@ -93,9 +94,10 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
         reference = distributed.shard_like(reference, state.wrapped)
     progress = state.trainer
     final_eval = None
+    stopped = loop.early_stopped(state)
     with state.timed("train"), tqdm(total=state.total_steps, initial=progress.step, desc="dpo", unit="step",
                                     dynamic_ncols=True, disable=distributed.progress_disabled()) as bar:
-        while progress.step < state.total_steps:
+        while progress.step < state.total_steps and not stopped:
             step_start = time.perf_counter()
             pairs = step_rows(train_pairs, progress.step, batch_size=t.batch_size, seed=t.seed)
             sums = train_step(state.wrapped, pairs, micro, reference, config, pad, use_bf16)
@@ -115,16 +117,20 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
                 row["eval_loss"] = final_eval["loss"]
                 row["eval_rewards/accuracies"] = final_eval["rewards/accuracies"]
                 row["eval_rewards/margins"] = final_eval["rewards/margins"]
+                if config.evaluation.early_stopping:
+                    stopped = loop.early_stopping_decides(state, final_eval["loss"])
             loop.end_step(state, row, force_log="eval_loss" in row)
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
                             margin=f"{row['rewards/margins']:.3f}", refresh=False)
             bar.update(1)
             result.final_loss = loss
 
+    restored = loop.restore_best_adapter(state)
     loop.save_final_adapter(state)
     if eval_pairs:
         with state.timed("eval_after"):
-            done = final_eval if final_eval is not None and progress.step == state.total_steps else held_out()
+            last = final_eval is not None and progress.step == state.total_steps and not restored
+            done = final_eval if last else held_out()  # the final step's evaluation is the saved adapter's
             result.eval_after = evaluation_summary(done, len(eval_pairs))
             if generate:
                 result.eval_after.update(distributed.run_whole(state.wrapped, behaviour_eval, tokenizer,

@@ -36,12 +36,13 @@ from lorafit.diagnose.checks import check_run_config, format_checks
 from lorafit.diagnose.curves import CurveMonitor, has_learning_curve
 from lorafit.diagnose.memory import estimate_memory, token_rows
 from lorafit.diagnose.model_shape import ModelShapeError
-from lorafit.errors import UserError
+from lorafit.errors import CheckpointError, UserError
 from lorafit.finish import finish_run
 from lorafit.models import load_model
 from lorafit.models.vocabulary import add_tokens
 from lorafit.run_config import RunConfig, TrainingConfig, check_init_fits_base, to_dict
 from lorafit.run_dir import MetricsLog, RunDir
+from lorafit.train import early_stopping
 from lorafit.train.checkpoint import (
     TrainerState,
     newest_valid_checkpoint,
@@ -74,6 +75,7 @@ class RunResult:
     eval_sets_before: dict[str, Any] | None = None  # evaluation.sets: {name: evaluate_set result} before training
     eval_sets_after: dict[str, Any] | None = None
     forgetting: dict[str, Any] | None = None  # forgetting_check's figures, when evaluation.forgetting is on
+    early_stopping: dict[str, Any] | None = None  # early_stopping.summary, when evaluation.early_stopping is set
 
 
 @dataclass
@@ -224,6 +226,7 @@ def start_training(state: RunState, total_steps: int, updates_per_step: int = 1)
     if saved:
         state.trainer = restore_training_state(saved, state.wrapped, state.opt.optimizer, state.opt.scheduler)
         distributed.print_main(f"resumed from {saved.path} at step {state.trainer.step}")
+    _start_early_stopping(state, saved.path if saved else None)
     state.log = state.folder.metrics_log()
     if distributed.is_main():
         state.log.truncate_after(state.trainer.step)
@@ -232,6 +235,21 @@ def start_training(state: RunState, total_steps: int, updates_per_step: int = 1)
         state.monitor = CurveMonitor(to_dict(config))  # warns live the first time a loss-curve pattern shows
     state.model.train()
     reset_peak_memory(distributed.context().device)
+
+
+def _start_early_stopping(state: RunState, checkpoint: Path | None) -> None:
+    """The early-stopping state a run starts from: the checkpoint's when resuming one that has it (it must monitor
+    the same loss), else a fresh one; none without evaluation.early_stopping."""
+    rule, progress = state.config.evaluation.early_stopping, state.trainer
+    if rule is None:
+        progress.early_stopping = progress.best_adapter = None
+        return
+    if progress.early_stopping is None:
+        progress.early_stopping = early_stopping.EarlyStoppingState(monitor=rule.monitor)
+    elif progress.early_stopping.monitor != rule.monitor:
+        raise CheckpointError(f"{checkpoint} tracked evaluation.early_stopping.monitor="
+                              f"{progress.early_stopping.monitor!r}, this run monitors {rule.monitor!r}; resume with "
+                              "the monitor that wrote it, or start a new run in another output_dir.")
 
 
 def wrap_model(model: nn.Module, config: RunConfig) -> nn.Module:
@@ -298,6 +316,52 @@ def end_step(state: RunState, row: dict[str, Any], force_log: bool = False) -> N
     state.result.steps = step
 
 
+def early_stopping_decides(state: RunState, value: float) -> bool:
+    """Early stopping (evaluation.early_stopping) after an evaluation at step state.trainer.step measured `value` of
+    the monitored loss; True when training should stop. Call it before end_step, so that a checkpoint of this step
+    holds the decision. Every rank must call it.
+
+    Rank 0's value decides on every rank (broadcast; the all-reduced loss is the same number everywhere already,
+    this makes it so by construction): the same pure rule on the same numbers, from the same checkpointed state,
+    so every rank improves, gathers the adapter and leaves the loop at the same step. A new best's adapter is
+    gathered into rank 0's CPU memory (the adapter's size)."""
+    rule, progress = state.config.evaluation.early_stopping, state.trainer
+    value = float(distributed.broadcast_(torch.tensor([value], dtype=torch.float64))[0])
+    progress.early_stopping = early_stopping.observe(progress.early_stopping, value, progress.step, rule.min_delta)
+    if progress.early_stopping.best_step == progress.step:
+        progress.best_adapter = distributed.gather_adapter(state.wrapped)
+    return early_stopping.should_stop(progress.early_stopping, rule.patience)
+
+
+def early_stopped(state: RunState) -> bool:
+    """Whether the early-stopping state says stop already (a run resumed from a checkpoint of its stop step)."""
+    rule = state.config.evaluation.early_stopping
+    return rule is not None and early_stopping.should_stop(state.trainer.early_stopping, rule.patience)
+
+
+def restore_best_adapter(state: RunState) -> bool:
+    """After the loop, with evaluation.early_stopping: put the best evaluation's adapter back into the model when
+    the last step's is another (as HF's load_best_model_at_end), say where training ended and why, and record
+    early_stopping.summary in the result. The adapter saved and evaluated after this is the best one. Every rank
+    must call it. Returns whether it replaced the model's adapter."""
+    if state.config.evaluation.early_stopping is None:
+        return False
+    tracked, step = state.trainer.early_stopping, state.trainer.step
+    stopped_early = step < state.total_steps
+    restore = tracked.best_step is not None and tracked.best_step != step
+    if tracked.best_step is None:
+        distributed.print_main(f"warning: no evaluation gave a finite {tracked.monitor}; the adapter is step {step}'s.")
+    if restore:
+        distributed.load_full_parameters(state.wrapped, state.trainer.best_adapter)
+    if stopped_early:
+        distributed.print_main(early_stopping.stop_message(tracked, step))
+    elif tracked.best_step is not None:
+        distributed.print_main(f"best {tracked.monitor} {tracked.best:.6g} at step {tracked.best_step}, "
+                               f"adapter from step {tracked.best_step}")
+    state.result.early_stopping = early_stopping.summary(tracked, step, stopped_early)
+    return restore
+
+
 def save_final_adapter(state: RunState) -> None:
     """Write the trained adapter to OUTPUT/adapter (PEFT format): gathered from every rank, written by rank 0."""
     grew = state.config.data.added_tokens or (state.config.init_adapter and read_adapter_tokenizer(state.config.init_adapter))
@@ -322,7 +386,8 @@ def _write_results(state: RunState) -> None:
     summary = {"steps": result.steps, "final_loss": result.final_loss, "phases_s": result.phases,
                "eval_before": result.eval_before, "eval_after": result.eval_after}
     optional = {"eval_base": result.eval_base, "eval_sets_before": result.eval_sets_before,
-                "eval_sets_after": result.eval_sets_after, "forgetting": result.forgetting}
+                "eval_sets_after": result.eval_sets_after, "forgetting": result.forgetting,
+                "early_stopping": result.early_stopping}
     summary |= {key: value for key, value in optional.items() if value is not None}
     state.folder.write_summary(summary)
     try:

@@ -50,6 +50,10 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
                                  assistant_only=data.assistant_only)
         eval_set = prepare_rows(data.eval, state.tokenizer, max_seq_len=data.max_seq_len, packing=data.packing,
                                 assistant_only=data.assistant_only) if data.eval else None
+        monitored_set = _monitored_set(config)  # early stopping on an evaluation set's loss: its rows, as data.eval's
+        monitored_rows = prepare_rows(config.evaluation.sets[monitored_set].path, state.tokenizer,
+                                      max_seq_len=data.max_seq_len, packing=data.packing,
+                                      assistant_only=data.assistant_only).rows if monitored_set else []
         _print_data_summary("train", train_set)
     loop.attach_adapter(state.model, config, state.tokenizer)
     model, device = state.model, state.model.device
@@ -75,10 +79,14 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     # this rank's share of the held-out rows, collated once and reused each eval
     eval_batches = rank_micro_batches(eval_set.rows, micro, pad, rank=ctx.rank, world_size=ctx.world_size) \
         if eval_set else []
+    monitored_batches = rank_micro_batches(monitored_rows, micro, pad, rank=ctx.rank, world_size=ctx.world_size)
+    rule, every = config.evaluation.early_stopping, config.evaluation.every
+    monitored_key = f"{monitored_set}_loss" if monitored_set else "eval_loss"
+    stopped = loop.early_stopped(state)
     with state.timed("train"), neftune_noise(model, t.neftune_noise_alpha), tqdm(
             total=state.total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
             disable=distributed.progress_disabled()) as bar:
-        while progress.step < state.total_steps:
+        while progress.step < state.total_steps and not stopped:
             step_start = time.perf_counter()
             rows = step_rows(train_set.rows, progress.step, batch_size=t.batch_size, seed=t.seed)  # same on every rank
             batches = rank_micro_batches(rows, micro, pad, rank=ctx.rank, world_size=ctx.world_size)
@@ -91,14 +99,19 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
             row = {"step": progress.step, "epoch": round(progress.step / per_epoch, 4), "loss": loss, "lr": lr,
                    "grad_norm": grad_norm, "tokens_per_s": round(speed, 1), "tokens_seen": progress.tokens_seen}
             row |= step_throughput(model, [tuple(b.tensors["input_ids"].shape) for b in batches], tokens / speed, device)
-            if eval_batches and config.evaluation.every and (progress.step % config.evaluation.every == 0
-                                                             or progress.step == state.total_steps):
+            evaluate = every and (progress.step % every == 0 or progress.step == state.total_steps)
+            if evaluate and eval_batches:
                 row["eval_loss"] = eval_loss(wrapped, eval_batches, device, use_bf16)
-            loop.end_step(state, row, force_log="eval_loss" in row)
+            if evaluate and monitored_batches:
+                row[monitored_key] = eval_loss(wrapped, monitored_batches, device, use_bf16)
+            if evaluate and rule is not None:
+                stopped = loop.early_stopping_decides(state, row[monitored_key])
+            loop.end_step(state, row, force_log="eval_loss" in row or monitored_key in row)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}", refresh=False)
             bar.update(1)
             result.final_loss = loss
 
+    loop.restore_best_adapter(state)
     loop.save_final_adapter(state)
     distributed.run_whole(wrapped, _evaluate_after, state, eval_set, check_forgetting, start)
     return loop.finish(state)
@@ -123,6 +136,12 @@ def _evaluate_after(model: Any, state: loop.RunState, eval_set: Dataset | None, 
             result.forgetting = forgetting_check(model, state.tokenizer, reference=_reference(model, start),
                                                  progress=distributed.is_main())
         distributed.print_main(format_forgetting(result.forgetting))
+
+
+def _monitored_set(config: RunConfig) -> str | None:
+    """The evaluation set whose held-out loss early stopping monitors, or None (none, or data.eval's eval_loss)."""
+    rule = config.evaluation.early_stopping
+    return rule.monitor if rule is not None and rule.monitor != "eval_loss" else None
 
 
 def forgetting_enabled(evaluation: EvaluationConfig, device: torch.device) -> bool:
