@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from tiny_models import save_tiny_chat_llama
+from train.dpo_rows import LONG, QUESTIONS, SHORT
 
 from lorafit.cli import main
 from lorafit.config import ConfigError
@@ -17,12 +18,6 @@ from lorafit.run_dir import RunDir, read_metrics
 from lorafit.train import dpo
 from lorafit.train.dpo_loss import METRICS
 
-QUESTIONS = ["Hello!", "Tell me a joke about cats.", "What is the capital of France?", "Write a short poem about the sea."]
-SHORT = ["Hi.", "Cats nap.", "Paris.", "Waves."]
-LONG = ["Hello! How can I help you today? Ask me anything at all.",
-        "Cats sleep all day and judge you all night, the lazy brown cats.",
-        "The capital of France is Paris, a city on the river, the capital.",
-        "The sea, the waves and the wind write a short poem all night."]
 MEASURE = '''
 def short(prompts, completions, **fields):
     return [float(len(c) <= 12) for c in completions]

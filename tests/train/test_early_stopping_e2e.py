@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from tiny_models import TINY_RUN_ROWS, save_tiny_chat_llama, write_tiny_run
+from train.dpo_rows import LONG, QUESTIONS, SHORT
 
 import lorafit
 from lorafit import distributed
@@ -189,14 +190,6 @@ def test_an_evaluation_set_can_be_the_monitor(root):
     clean = sft.eval_loss(distributed.wrap(adapted, "ddp"), fixed_batches(contra, 1, tokenizer.pad_token_id),
                           adapted.device, False)
     assert clean == pytest.approx(best, rel=1e-5)
-
-
-QUESTIONS = ["Hello!", "Tell me a joke about cats.", "What is the capital of France?", "Write a short poem about the sea."]
-SHORT = ["Hi.", "Cats nap.", "Paris.", "Waves."]
-LONG = ["Hello! How can I help you today? Ask me anything at all.",
-        "Cats sleep all day and judge you all night, the lazy brown cats.",
-        "The capital of France is Paris, a city on the river, the capital.",
-        "The sea, the waves and the wind write a short poem all night."]
 
 
 def test_dpo_stops_on_its_held_out_loss_and_keeps_the_best_adapter(tmp_path):
