@@ -4,9 +4,11 @@ main, the trainer unchanged) once per argument list in RUNS.json, all in one lau
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from lorafit import distributed
+from lorafit.__main__ import exit_process
 from lorafit.cli import main
 
 
@@ -23,3 +25,4 @@ def run_all(runs_file: str) -> None:
 
 if __name__ == "__main__":
     run_all(sys.argv[1])
+    exit_process(0, int(os.environ.get("WORLD_SIZE", "1")))  # as `python -m lorafit` ends a multi-process run
