@@ -124,18 +124,19 @@ class _DoraBranch(torch.autograd.Function):
                                                       need_x=need_x, need_a=need_a)
             grad_b = grad_b.mul_(factor[:, None]).to(lora_b.dtype)
             grad_base, dropped_grad = grad_out, None
-            weight_z = (factor - 1) * ctx.inv  # z = W0 (x ⊙ keep) enters y with weight (f - 1) / keep rate
-            if ctx.sparse and (need_x or need_bias or ctx.needs_input_grad[0]):
-                # z = base_out - bias - W0 (x ⊙ drop): its gradient G joins the base output's (the base layer's one
-                # matmul carries it to x) and x loses drop ⊙ (G W0), a product at the dropped entries only
+            need_z = need_x or (ctx.sparse and (need_bias or ctx.needs_input_grad[0]))
+            if need_z:  # G, the gradient of z = W0 (x ⊙ keep), which enters y with weight (f - 1) / keep rate
+                weight_z = (factor - 1) * ctx.inv
                 scaled_g = torch.mul(g, weight_z, out=product) if product is not None else g * weight_z
+            if ctx.sparse and need_z:
+                # z = base_out - bias - W0 (x ⊙ drop): G joins the base output's gradient (the base layer's one
+                # matmul carries it to x) and x loses drop ⊙ (G W0), a product at the dropped entries only
                 if need_x:
                     dropped_grad = dropped_input_grad(scaled_g, keep, dense_weight(ctx.base_layer))
                 if need_bias:  # the explicit -bias of z cancels what G sends to the bias through base_out
                     grad_bias = scaled_g.sum(dim=0).neg_().to(bias.dtype)
                 grad_base = scaled_g.add_(g).view(grad_out.shape)
             elif need_x:
-                scaled_g = torch.mul(g, weight_z, out=product) if product is not None else g * weight_z
                 grad_z = scaled_g @ dense_weight(ctx.base_layer).to(dtype)  # (T, in)
                 grad_x = grad_z if grad_x is None else grad_x.add_(grad_z)
             grad_x = masked_input_grad(grad_x, keep, x)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +47,12 @@ def train(config: RunConfig, *, resume: bool = False, trust_checkpoint: bool = F
     result, t, data = state.result, config.training, config.data
     loop.load_base_model(state)
     with state.timed("prepare_data"):
-        train_set = prepare_rows(data.train, state.tokenizer, max_seq_len=data.max_seq_len, packing=data.packing,
-                                 assistant_only=data.assistant_only)
-        eval_set = prepare_rows(data.eval, state.tokenizer, max_seq_len=data.max_seq_len, packing=data.packing,
-                                assistant_only=data.assistant_only) if data.eval else None
+        prepare = partial(prepare_rows, tokenizer=state.tokenizer, max_seq_len=data.max_seq_len,
+                          packing=data.packing, assistant_only=data.assistant_only)  # every file as data.train
+        train_set = prepare(data.train)
+        eval_set = prepare(data.eval) if data.eval else None
         monitored_set = _monitored_set(config)  # early stopping on an evaluation set's loss: its rows, as data.eval's
-        monitored_rows = prepare_rows(config.evaluation.sets[monitored_set].path, state.tokenizer,
-                                      max_seq_len=data.max_seq_len, packing=data.packing,
-                                      assistant_only=data.assistant_only).rows if monitored_set else []
+        monitored_rows = prepare(config.evaluation.sets[monitored_set].path).rows if monitored_set else []
         _print_data_summary("train", train_set)
     loop.attach_adapter(state.model, config, state.tokenizer)
     model, device = state.model, state.model.device
